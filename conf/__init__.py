@@ -1,0 +1,1 @@
+"""Hydra configuration files of prism (shipped as package data so wheels find them)."""

@@ -1,0 +1,86 @@
+"""The contracts between the core and its plugins.
+
+Each plugin kind is a builder registered in :mod:`framework.registry`; these are the objects the
+builders return and the arguments they receive. Everything here is generic: a batch is a dict of
+arrays whose keys the task defines (``image`` and ``label`` for classification, ``boxes`` for
+detection, ``mask`` for segmentation, ...).
+
+- dataset builder ``(cfg) -> DataSource``
+- model builder ``(cfg, *, data: DataInfo, rngs: nnx.Rngs) -> nnx.Module``
+- objective builder ``(cfg, *, model, data: DataInfo, rngs: nnx.Rngs) -> Objective``
+- task builder ``(cfg, *, data: DataInfo) -> Task``
+- optimizer builder ``(cfg, *, learning_rate, weight_decay_mask) -> optax.GradientTransformation``
+- schedule builder ``(cfg, *, base_lr: float, total_steps: int) -> optax.Schedule``
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import numpy as np
+from flax import nnx
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a dataset tells models and tasks about itself."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (height, width, channels) of the decoded examples
+    splits: Mapping[str, int] = field(default_factory=dict)  # split name -> number of examples
+    class_names: tuple[str, ...] = ()
+    mean: tuple[float, ...] | None = None  # per-channel mean of images in [0, 1], for normalization
+    std: tuple[float, ...] | None = None
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """A dataset: metadata plus a random-access sequence of example dicts per split.
+
+    Any ``Sequence`` of dicts of NumPy arrays works as a split, TFDS array_record data sources
+    (``tfds.data_source``) included; grain reads it by index, which makes the pipeline resumable.
+    """
+
+    info: DataInfo
+
+    def split(self, name: str) -> Sequence[Mapping[str, np.ndarray]]: ...
+
+
+class Objective(nnx.Module):
+    """The training signal. Subclasses may own trainable parts (projection heads, predictors).
+
+    ``__call__(model, batch, key)`` returns ``(loss, metrics)``: a scalar loss averaged over the
+    global batch and a dict of scalar metrics. ``key`` is a per-step PRNG key. State the objective
+    changes (BatchNorm statistics, EMA targets) is updated in place as NNX variables; the trainer
+    carries it between steps.
+    """
+
+    @abstractmethod
+    def __call__(self, model: nnx.Module, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
+        """Loss and scalar metrics of ``model`` on a global ``batch``."""
+
+
+class Task(ABC):
+    """Data contract and evaluation of a problem (classification, detection, segmentation, ...).
+
+    ``eval_outputs`` runs inside ``jit`` on a global batch and returns a dict of arrays whose leading
+    axis is the batch; ``summarize`` receives those outputs for the whole evaluation split (padding
+    already removed) on the host and returns the reported metrics. The default summary is the mean of
+    each per-example output, which is exact over a split of any size.
+    """
+
+    #: Keys a batch must hold for this task.
+    batch_keys: tuple[str, ...] = ("image",)
+
+    @abstractmethod
+    def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+        """Per-example evaluation outputs of ``model`` on a global ``batch`` (runs under jit)."""
+
+    def summarize(self, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return {name: float(np.mean(values)) for name, values in outputs.items()}

@@ -1,0 +1,179 @@
+"""Hydra configuration: the root schema, plugin config groups, and the ``conf/`` search path.
+
+The root :class:`PrismConfig` is stored in Hydra's ConfigStore as ``prism_schema``; ``conf/config.yaml``
+uses it as its first default and chooses the default plugins. For every registry entry with a config
+dataclass, :func:`register_plugin_configs` stores a node ``<kind>/<name>`` (the dataclass plus a
+``name`` field), so ``model=NAME`` selects any registered model, third-party ones included, and the
+dataclass gives Hydra the keys and types to validate overrides against. ``conf/<kind>/*.yaml`` add
+presets to the same groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from framework.registry import REGISTRIES, Entry
+
+#: ``conf/`` beside the ``framework`` package (true for editable installs and wheels alike).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+#: Registry kinds that are chosen with a single config group (``model=...``, ``optimizer=...``).
+SELECTED_KINDS = ("model", "dataset", "objective", "task", "optimizer", "schedule")
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to train.
+
+    steps: total optimizer steps; 0 means ``epochs`` worth of the training split.
+    epochs: used when ``steps`` is 0 (fractions allowed).
+    batch_size: global batch (all devices, all hosts); must divide by the data-parallel size.
+    eval_batch_size: global evaluation batch; 0 means ``batch_size``.
+    eval_every: evaluate every N steps (0: once per epoch); always at the end.
+    log_every: write metrics every N steps.
+    grad_clip_norm: clip gradients to this global norm (0 disables).
+    grad_accum_steps: accumulate gradients over N batches per optimizer update (optax.MultiSteps).
+    ema_decay: keep an exponential moving average of the parameters with this decay (0 disables);
+        evaluation then uses the EMA parameters.
+    weight_decay_skip_1d: exclude biases and normalization parameters (ndim <= 1) from weight decay.
+    max_eval_batches: cap on evaluation batches (0: the whole split).
+    """
+
+    steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 64
+    eval_batch_size: int = 0
+    eval_every: int = 0
+    log_every: int = 10
+    grad_clip_norm: float = 0.0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0
+    weight_decay_skip_1d: bool = True
+    max_eval_batches: int = 0
+
+
+@dataclass
+class LoaderConfig:
+    """Host input pipeline (grain).
+
+    workers: grain worker processes (0: decode in the main process).
+    threads: grain read threads per process.
+    prefetch: batches prefetched by the host pipeline.
+    shuffle: shuffle the training split (a new permutation every epoch, seeded).
+    """
+
+    workers: int = 0
+    threads: int = 2
+    prefetch: int = 2
+    shuffle: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """orbax checkpointing.
+
+    enabled: write checkpoints at all.
+    every: save every N steps (0: at each evaluation); always at the end.
+    keep: keep the last N checkpoints ...
+    best_metric: ... plus the best one by this evaluation metric ('' disables).
+    best_mode: 'max' or 'min' for ``best_metric``.
+    async_save: write in a background thread while training continues.
+    resume: resume from the latest checkpoint in the run directory when there is one.
+    """
+
+    enabled: bool = True
+    every: int = 0
+    keep: int = 2
+    best_metric: str = ""
+    best_mode: str = "max"
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """Device mesh.
+
+    fsdp: size of the ``fsdp`` mesh axis; parameters are sharded over it (1: replicated).
+    distributed: 'auto' initializes ``jax.distributed`` when the environment describes several
+        processes (SLURM, or JAX_COORDINATOR_ADDRESS / PRISM_NUM_PROCESSES / PRISM_PROCESS_ID); 'on'
+        always does; 'off' never does.
+    """
+
+    fsdp: int = 1
+    distributed: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    """Metric outputs in the run directory.
+
+    progress: show a console progress bar (step, epoch, loss, img/s, ETA).
+    tensorboard: write TensorBoard event files.
+    plots: write PNG curves of every logged metric at the end.
+    """
+
+    progress: bool = True
+    tensorboard: bool = True
+    plots: bool = True
+
+
+@dataclass
+class PrismConfig:
+    """The root configuration of ``prism train``; plugin groups are chosen in ``conf/config.yaml``."""
+
+    model: Any = MISSING
+    dataset: Any = MISSING
+    objective: Any = MISSING
+    task: Any = MISSING
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+    precision: str = "fp32"
+
+
+def config_node(entry: Entry) -> type:
+    """The dataclass stored for ``entry``: its config dataclass plus a ``name`` field set to its name."""
+    base = entry.config
+    fields = [("name", str, field(default=entry.name))]
+    if base is None:
+        return dataclasses.make_dataclass(f"{entry.kind}_{entry.name}_node", fields)
+    if any(f.name == "name" for f in dataclasses.fields(base)):
+        return base
+    return dataclasses.make_dataclass(f"{base.__name__}Node", fields, bases=(base,))
+
+
+_stored = False
+
+
+def register_configs() -> None:
+    """Store the root schema and every registered plugin's config node in Hydra's ConfigStore."""
+    global _stored
+    if _stored:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name="prism_schema", node=PrismConfig)
+    for kind, registry in REGISTRIES.items():
+        if kind not in SELECTED_KINDS:
+            continue
+        for entry in registry.entries():
+            cs.store(group=kind, name=entry.name, node=config_node(entry), provider=entry.module)
+    _stored = True
+
+
+def group_options(kind: str) -> list[str]:
+    """Names selectable for config group ``kind``: registered plugins and ``conf/<kind>/*.yaml`` presets."""
+    names = set(REGISTRIES[kind].names())
+    names.update(p.stem for p in (CONF_DIR / kind).glob("*.yaml"))
+    return sorted(names)

@@ -1,0 +1,105 @@
+"""Host input pipeline: a random-access data source -> grain -> this host's slice of each global batch.
+
+The training stream is ``source.shuffle(seed).repeat()`` (a new permutation every epoch) cut into
+global batches; global batch ``s`` holds stream elements ``[s*B, (s+1)*B)`` whatever the number of
+hosts, and each host loads its contiguous block of it. The pipeline is therefore a pure function of
+(seed, step): the grain iterator state saved in checkpoints restores the exact position.
+
+Evaluation walks a split once, in order, padding the last global batch with copies of the first
+example and a ``_valid`` mask so that no example is dropped or counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from framework.errors import DataError
+from framework.parallel import HostSlice
+
+VALID_KEY = "_valid"
+
+
+def _as_numpy(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in example.items()}
+
+
+def _check_split(split: Sequence, what: str) -> None:
+    if len(split) == 0:
+        raise DataError(f"the {what} split is empty: check dataset.train_split / dataset.eval_split")
+
+
+def _enable_grain_workers() -> None:
+    """grain's worker processes read absl flags; mark them parsed when not running under absl.app."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _to_iter(ds: grain.MapDataset, *, workers: int, threads: int, prefetch: int) -> grain.IterDataset:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 0), prefetch_buffer_size=prefetch))
+    if workers > 0:
+        _enable_grain_workers()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
+def train_dataset(
+    split: Sequence, *, global_batch: int, host: HostSlice, seed: int, shuffle: bool = True
+) -> grain.MapDataset:
+    """Infinite map dataset whose element ``s`` is this host's part of global batch ``s``."""
+    _check_split(split, "training")
+    if len(split) < global_batch:
+        raise DataError(
+            f"the training split has {len(split)} examples, fewer than one global batch ({global_batch}); "
+            f"lower train.batch_size"
+        )
+    ds = grain.MapDataset.source(split)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat().map(_as_numpy)
+    ds = ds.batch(host.per_host_batch, drop_remainder=True)
+    return ds[host.index :: host.count]
+
+
+def train_iterator(
+    split: Sequence, *, global_batch: int, host: HostSlice, seed: int, shuffle: bool = True,
+    workers: int = 0, threads: int = 2, prefetch: int = 2,
+) -> grain.DatasetIterator:
+    """A checkpointable iterator over :func:`train_dataset` (``get_state``/``set_state``)."""
+    ds = train_dataset(split, global_batch=global_batch, host=host, seed=seed, shuffle=shuffle)
+    return iter(_to_iter(ds, workers=workers, threads=threads, prefetch=prefetch))
+
+
+class _PaddedExamples:
+    """Random access to a split padded to ``length`` examples, with a validity flag."""
+
+    def __init__(self, split: Sequence, length: int) -> None:
+        self.split, self.length = split, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        valid = index < len(self.split)
+        example = _as_numpy(self.split[index if valid else 0])
+        example[VALID_KEY] = np.asarray(valid)
+        return example
+
+
+def eval_batches(
+    split: Sequence, *, global_batch: int, host: HostSlice, max_batches: int = 0, threads: int = 2,
+    prefetch: int = 2,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This host's part of each global evaluation batch over the whole split, in order, padded."""
+    _check_split(split, "evaluation")
+    n_batches = -(-len(split) // global_batch)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    ds = grain.MapDataset.source(_PaddedExamples(split, n_batches * global_batch))
+    ds = ds.batch(host.per_host_batch, drop_remainder=True)[host.index :: host.count]
+    return iter(_to_iter(ds, workers=0, threads=threads, prefetch=prefetch))

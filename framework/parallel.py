@@ -1,0 +1,125 @@
+"""Devices and shardings: one code path for one CPU, eight GPUs or a multi-host pod.
+
+The mesh has axes ``("data", "fsdp")``. The batch is sharded over both (every device sees a distinct
+slice of the global batch); parameters are replicated, or, with ``fsdp > 1``, each parameter's
+largest divisible dimension is sharded over ``fsdp``. XLA inserts the gradient all-reduce and the
+parameter all-gathers. Multi-host runs call :func:`maybe_initialize_distributed` first; every host
+then feeds its own slice of the global batch (:func:`host_batch_slice`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from framework.errors import ConfigError
+
+DATA_AXES = ("data", "fsdp")
+
+#: A generic launcher describes the processes with these (JAX itself reads only the address).
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
+    "JAX_COORDINATOR_ADDRESS", "PRISM_NUM_PROCESSES", "PRISM_PROCESS_ID")
+
+
+def _env_describes_multiprocess() -> bool:
+    if int(os.environ.get(NUM_PROCESSES_ENV, "1")) > 1:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+    """Call ``jax.distributed.initialize()`` when asked to, or (``auto``) when the environment says so.
+
+    Reads the coordinator from ``JAX_COORDINATOR_ADDRESS``/``PRISM_NUM_PROCESSES``/``PRISM_PROCESS_ID``
+    when set, otherwise lets JAX detect the cluster (SLURM, Open MPI, Kubernetes, ...). Returns whether
+    it initialized. Must run before anything touches a device.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"parallel.distributed must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off" or (mode == "auto" and not _env_describes_multiprocess()):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    if os.environ.get(NUM_PROCESSES_ENV):
+        missing = [v for v in (COORDINATOR_ENV, PROCESS_ID_ENV) if not os.environ.get(v)]
+        if missing:
+            raise ConfigError(f"{NUM_PROCESSES_ENV} is set but {', '.join(missing)} is not")
+        kwargs = dict(
+            coordinator_address=os.environ[COORDINATOR_ENV],
+            num_processes=int(os.environ[NUM_PROCESSES_ENV]),
+            process_id=int(os.environ[PROCESS_ID_ENV]),
+        )
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (all devices of all processes by default)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ConfigError(
+            f"parallel.fsdp={fsdp} must be a positive divisor of the number of devices ({len(devices)})"
+        )
+    grid = np.array(devices).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, DATA_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch: leading axis split over every device of the mesh."""
+    return NamedSharding(mesh, P(DATA_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Replicated, or with FSDP the largest dimension divisible by the ``fsdp`` size sharded over it."""
+    size = mesh.shape["fsdp"]
+    if size == 1 or not shape:
+        return replicated(mesh)
+    candidates = [i for i, d in enumerate(shape) if d % size == 0 and d >= size]
+    if not candidates:
+        return replicated(mesh)
+    axis = max(candidates, key=lambda i: shape[i])
+    spec = [None] * len(shape)
+    spec[axis] = "fsdp"
+    return NamedSharding(mesh, P(*spec))
+
+
+def state_shardings(mesh: Mesh, abstract_state):
+    """Shardings for every leaf of an (abstract) train state."""
+    return jax.tree.map(lambda x: param_sharding(mesh, tuple(x.shape)), abstract_state)
+
+
+@dataclass(frozen=True)
+class HostSlice:
+    """Which part of each global batch this process loads."""
+
+    index: int
+    count: int
+    per_host_batch: int
+
+
+def host_batch_slice(global_batch: int, mesh: Mesh) -> HostSlice:
+    """This host's share of a global batch; checks that the batch divides over devices and hosts."""
+    n_devices = mesh.devices.size
+    if global_batch % n_devices:
+        raise ConfigError(
+            f"batch size {global_batch} must be divisible by the number of devices ({n_devices}); "
+            f"use a multiple of {n_devices}"
+        )
+    count = jax.process_count()
+    return HostSlice(jax.process_index(), count, global_batch // count)
+
+
+def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assemble each host's NumPy batch into global arrays sharded over the mesh's batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}

@@ -1,0 +1,353 @@
+"""The Trainer: build a run from its config, train data-parallel, evaluate, checkpoint, resume.
+
+Reading order: :class:`Trainer.__init__` builds dataset -> task -> model + objective -> optimizer ->
+sharded state; :meth:`Trainer.fit` is the loop. The step functions are pure (``jax.jit`` over a
+``TrainState`` pytree with donated buffers); the model and objective are NNX modules split into a
+static graph and array state (``nnx.split``) so that jit sees only arrays.
+
+Determinism: the data stream is a function of (seed, step) (:mod:`framework.data`), the step's PRNG
+key is ``fold_in(seed_key, step)``, and all of it is in the checkpoint, so a resumed run computes
+the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from omegaconf import DictConfig, OmegaConf
+
+from framework import parallel
+from framework.api import DataInfo, DataSource
+from framework.checkpoint import Checkpointer, signature
+from framework.data import VALID_KEY, eval_batches, train_iterator
+from framework.errors import ConfigError, NonFiniteLossError
+from framework.logging import MetricLogger, plot_curves
+from framework.optim import build_optimizer, plugin_config
+from framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
+
+RESULT_FILE = "result.json"
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+class System(nnx.Module):
+    """What is trained: the model and the objective (with any trainable parts the objective owns)."""
+
+    def __init__(self, model: nnx.Module, objective: nnx.Module) -> None:
+        self.model = model
+        self.objective = objective
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training; a pytree of arrays, checkpointed as a whole."""
+
+    step: jax.Array  # micro-steps taken (one per batch)
+    params: Any  # nnx.State of nnx.Param variables (fp32)
+    rest: Any  # all other NNX state: BatchNorm statistics, RNG streams, EMA targets, ...
+    opt_state: Any
+    ema_params: Any  # parameter EMA (or None)
+    bad_step: jax.Array  # first step whose loss was not finite (-1: none)
+
+
+def _build_plugin(registry, section: DictConfig, **kwargs: Any) -> Any:
+    entry = registry.get(section.name)
+    if entry.config is None:
+        return entry.builder(**kwargs)
+    return entry.builder(plugin_config(section), **kwargs)
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _restore_dtypes(tree: Any, like: Any) -> Any:
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
+
+
+def prepare_images(batch: dict, info: DataInfo, dtype) -> dict:
+    """uint8 images -> floats in [0, 1] (standardized with the dataset's mean/std when it gives them)."""
+    batch = dict(batch)
+    image = batch["image"]
+    if jnp.issubdtype(image.dtype, jnp.integer):
+        image = image.astype(jnp.float32) / 255.0
+    if info.mean is not None and info.std is not None:
+        image = (image - jnp.asarray(info.mean)) / jnp.asarray(info.std)
+    batch["image"] = image.astype(dtype)
+    return batch
+
+
+def total_steps(cfg: DictConfig, train_size: int) -> tuple[int, float]:
+    """``(optimizer updates, micro-steps per epoch)`` from ``train.steps`` or ``train.epochs``."""
+    t = cfg.train
+    steps_per_epoch = train_size / (t.batch_size * t.grad_accum_steps)
+    updates = t.steps if t.steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    if updates <= 0:
+        raise ConfigError(f"the run has no steps: train.steps={t.steps}, train.epochs={t.epochs}")
+    return updates, train_size / t.batch_size
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """Builds every part of a run from ``cfg`` and trains it in ``run_dir``."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+        self.compute_dtype = PRECISIONS[cfg.precision]
+        parallel.maybe_initialize_distributed(cfg.parallel.distributed)
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.make_mesh(cfg.parallel.fsdp)
+
+        self.source: DataSource = _build_plugin(DATASETS, cfg.dataset)
+        self.info: DataInfo = self.source.info
+        self.train_split = self.source.split(cfg.dataset.get("train_split", "train"))
+        self.eval_split = self.source.split(cfg.dataset.get("eval_split", "test"))
+        self.task = _build_plugin(TASKS, cfg.task, data=self.info)
+
+        t = cfg.train
+        self.accum = t.grad_accum_steps
+        self.updates, self.steps_per_epoch = total_steps(cfg, len(self.train_split))
+        self.micro_steps = self.updates * self.accum
+        self.eval_every = t.eval_every or max(1, round(self.steps_per_epoch))
+        self.host = parallel.host_batch_slice(t.batch_size, self.mesh)
+        self.eval_batch_size = t.eval_batch_size or t.batch_size
+        self.eval_host = parallel.host_batch_slice(self.eval_batch_size, self.mesh)
+        self.optimizer = build_optimizer(cfg, updates=self.updates)
+        self._build_state()
+        self._compile_steps()
+        self.checkpointer = (Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
+                             if cfg.checkpoint.enabled else None)
+
+    # -- construction ---------------------------------------------------------------------------
+    def _create_system(self, key: jax.Array) -> System:
+        rngs = nnx.Rngs(key)
+        model = _build_plugin(MODELS, self.cfg.model, data=self.info, rngs=rngs)
+        objective = _build_plugin(OBJECTIVES, self.cfg.objective, model=model, data=self.info, rngs=rngs)
+        return System(model, objective)
+
+    def _build_state(self) -> None:
+        """Create parameters and optimizer state directly with their shardings (no host copy)."""
+        key = jax.random.key(self.cfg.seed)
+        abstract_system = nnx.eval_shape(lambda: self._create_system(key))
+        self.graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
+        abstract_system.eval()
+        self.eval_graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
+        tx, use_ema = self.optimizer.tx, self.cfg.train.ema_decay > 0
+
+        def init(k: jax.Array) -> TrainState:
+            _, params, rest = nnx.split(self._create_system(k), nnx.Param, ...)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                              opt_state=tx.init(params), ema_params=params if use_ema else None,
+                              bad_step=jnp.full((), -1, jnp.int32))
+
+        self.abstract_state = jax.eval_shape(init, key)
+        self.state_shardings = parallel.state_shardings(self.mesh, self.abstract_state)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
+            self.state_shardings)
+        self.state = jax.jit(init, out_shardings=self.state_shardings)(key)
+        self.param_count = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+
+    def _compile_steps(self) -> None:
+        cfg, info, task = self.cfg, self.info, self.task
+        graphdef, eval_graphdef = self.graphdef, self.eval_graphdef
+        tx, schedule, accum = self.optimizer.tx, self.optimizer.schedule, self.accum
+        dtype, ema_decay = self.compute_dtype, cfg.train.ema_decay
+        base_key = jax.random.key(cfg.seed + 1)
+
+        def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+            key = jax.random.fold_in(base_key, state.step)
+            batch = prepare_images(batch, info, dtype)
+
+            def loss_fn(params):
+                compute_params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
+                system = nnx.merge(graphdef, compute_params, state.rest, copy=True)
+                loss, metrics = system.objective(system.model, batch, key)
+                _, _, new_rest = nnx.split(system, nnx.Param, ...)
+                return loss.astype(jnp.float32), (metrics, new_rest)
+
+            (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            new_rest = _restore_dtypes(new_rest, state.rest)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(loss)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state, new_rest = keep(params, state.params), keep(opt_state, state.opt_state), keep(
+                new_rest, state.rest)
+            ema = state.ema_params
+            if ema is not None:
+                ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+            bad = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
+            new_state = TrainState(state.step + 1, params, new_rest, opt_state, ema, bad)
+            logs = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+                    "train/lr": schedule(state.step // accum),
+                    **{f"train/{k}": v for k, v in metrics.items()}}
+            return new_state, logs
+
+        def eval_step(state: TrainState, batch: dict) -> dict:
+            params = state.ema_params if state.ema_params is not None else state.params
+            compute_params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
+            system = nnx.merge(eval_graphdef, compute_params, state.rest, copy=True)
+            outputs = task.eval_outputs(system.model, prepare_images(batch, info, dtype))
+            return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                    for k, v in outputs.items()}
+
+        replicated = parallel.replicated(self.mesh)
+        self.train_step = jax.jit(train_step, donate_argnums=0,
+                                  out_shardings=(self.state_shardings, replicated))
+        self.eval_step = jax.jit(eval_step, out_shardings=parallel.batch_sharding(self.mesh))
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics over the whole evaluation split (padding masked out), on every host."""
+        collected: dict[str, list[np.ndarray]] = {}
+        batches = eval_batches(self.eval_split, global_batch=self.eval_batch_size, host=self.eval_host,
+                               max_batches=self.cfg.train.max_eval_batches)
+        for host_batch in batches:
+            valid = host_batch.pop(VALID_KEY)
+            outputs = self.eval_step(self.state, parallel.global_batch(self.mesh, host_batch))
+            if jax.process_count() > 1:
+                outputs = multihost_utils.process_allgather(outputs, tiled=True)
+                valid = multihost_utils.process_allgather(valid, tiled=True)
+            for name, value in outputs.items():
+                collected.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
+        merged = {name: np.concatenate(parts) for name, parts in collected.items()}
+        return {f"eval/{k}": v for k, v in self.task.summarize(merged).items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"model": self.cfg.model.name, "signature": signature(self.abstract_state),
+                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    def _save(self, step: int, data_iter, metrics: dict | None) -> None:
+        if self.checkpointer is None:
+            return
+        self._check_finite()
+        self.checkpointer.save(step, self.state, data_state=data_iter.get_state(), meta=self._meta(),
+                               metrics=metrics)
+
+    def _check_finite(self) -> None:
+        bad = int(jax.device_get(self.state.bad_step))
+        if bad >= 0:
+            last = self.checkpointer.latest_step() if self.checkpointer else None
+            kept = f"the last good checkpoint is step {last} in {self.checkpointer.directory}" if last is not None \
+                else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"the training loss became NaN/inf at step {bad}; parameters from that step on were not "
+                f"applied, {kept}. Lower optimizer.lr, enable train.grad_clip_norm, or check the data.")
+
+    def _maybe_resume(self, data_iter) -> int:
+        if self.checkpointer is None or not self.cfg.checkpoint.resume:
+            return 0
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return 0
+        self.state, data_state, _ = self.checkpointer.restore(step, self.abstract_state,
+                                                              meta_check={"model": self.cfg.model.name})
+        if data_state:
+            data_iter.set_state(data_state)
+        return step
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the configured number of steps; returns (and writes) the run's ``result.json``."""
+        cfg, t = self.cfg, self.cfg.train
+        started = time.perf_counter()
+        data_iter = train_iterator(self.train_split, global_batch=t.batch_size, host=self.host, seed=cfg.seed,
+                                   shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
+                                   threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
+        start = self._maybe_resume(data_iter)
+        logger = MetricLogger(self.run_dir, total_steps=self.micro_steps, start_step=start,
+                              steps_per_epoch=self.steps_per_epoch, enabled=self.is_main,
+                              progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
+        if start:
+            logger.message(f"resumed from the checkpoint at step {start} in {self.checkpointer.directory}")
+        status, step, eval_metrics, last_logged = "completed", start, {}, {}
+        save_every = cfg.checkpoint.every
+        try:
+            with _Preemption() as preemption:
+                for step in range(start + 1, self.micro_steps + 1):
+                    batch = parallel.global_batch(self.mesh, next(data_iter))
+                    self.state, logs = self.train_step(self.state, batch)
+                    last = step == self.micro_steps
+                    if step % t.log_every == 0 or last:
+                        last_logged = {k: float(v) for k, v in jax.device_get(logs).items()}
+                        self._check_finite()
+                        rate = logger.progress(step, loss=last_logged["train/loss"],
+                                               images_per_step=t.batch_size)
+                        logger.write(step, {**last_logged, "train/images_per_s": rate})
+                    evaluated = step % self.eval_every == 0 or last
+                    if evaluated:
+                        eval_metrics = self.evaluate()
+                        logger.write(step, eval_metrics)
+                    due = (step % save_every == 0) if save_every else evaluated
+                    if due or last or preemption.requested:
+                        self._save(step, data_iter, eval_metrics if evaluated else None)
+                    if preemption.requested and not last:
+                        status = "preempted"
+                        logger.message(f"SIGTERM received: saved step {step}; rerun in {self.run_dir} to resume")
+                        break
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            logger.close()
+        result = {
+            "status": status,
+            "metrics": eval_metrics,
+            "train_metrics": last_logged,
+            "steps": step,
+            "total_steps": self.micro_steps,
+            "wall_s": round(time.perf_counter() - started, 3),
+            "best_step": self.checkpointer.best_step() if self.checkpointer else None,
+            "params": self.param_count,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+        }
+        if self.is_main:
+            (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+            if cfg.logging.plots:
+                plot_curves(self.run_dir)
+        return result
+
+
+def write_failure(run_dir: Path, error: BaseException, extra: Callable[[], dict] | None = None) -> None:
+    """Record a failed run in its ``result.json`` (status, error type and message)."""
+    if jax.process_index() != 0:
+        return
+    result = {"status": "failed", "error": f"{type(error).__name__}: {error}", **(extra() if extra else {})}
+    Path(run_dir, RESULT_FILE).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,1 @@
+"""Built-in prism plugins, one kind per subpackage; every module here is imported by discovery."""

@@ -1,0 +1,1 @@
+"""Built-in optimizers (optax gradient transformations) and learning-rate schedules."""
