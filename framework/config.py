@@ -154,14 +154,11 @@ def config_node(entry: Entry) -> type:
     return dataclasses.make_dataclass(f"{base.__name__}Node", fields, bases=(base,))
 
 
-_stored = False
-
-
 def register_configs() -> None:
-    """Store the root schema and every registered plugin's config node in Hydra's ConfigStore."""
-    global _stored
-    if _stored:
-        return
+    """Store the root schema and every registered plugin's config node in Hydra's ConfigStore.
+
+    Idempotent; call again after registering plugins at run time (notebooks, tests).
+    """
     cs = ConfigStore.instance()
     cs.store(name="prism_schema", node=PrismConfig)
     for kind, registry in REGISTRIES.items():
@@ -169,7 +166,6 @@ def register_configs() -> None:
             continue
         for entry in registry.entries():
             cs.store(group=kind, name=entry.name, node=config_node(entry), provider=entry.module)
-    _stored = True
 
 
 def group_options(kind: str) -> list[str]:
@@ -177,3 +173,20 @@ def group_options(kind: str) -> list[str]:
     names = set(REGISTRIES[kind].names())
     names.update(p.stem for p in (CONF_DIR / kind).glob("*.yaml"))
     return sorted(names)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config"):
+    """The composed run config for ``overrides``, as ``prism train`` would build it (without running).
+
+    For notebooks and tests: ``Trainer(compose(["train.steps=10"]), run_dir).fit()``. Hydra's
+    ``hydra.*`` keys and run directory are not resolved here.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from framework.plugins import load_plugins
+
+    load_plugins()
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

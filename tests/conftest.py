@@ -1,0 +1,46 @@
+"""Shared test set-up: 4 simulated CPU devices (set before JAX is imported) and small run helpers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+#: Overrides that make a digits run take seconds: few steps, small batch, no progress bar.
+FAST = ["train.steps=20", "train.batch_size=32", "train.eval_every=10", "logging.progress=false",
+        "model.widths=[8,16]"]
+
+
+def run_prism(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the ``prism`` CLI in a subprocess (as a user would), capturing its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "framework", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def read_result(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+@pytest.fixture
+def train_run(tmp_path):
+    """Build and fit a Trainer in-process from overrides; returns ``(trainer, result)``."""
+    from framework.config import compose
+    from framework.train import Trainer
+
+    def _run(overrides: list[str], run_dir: Path | None = None):
+        trainer = Trainer(compose([*FAST, *overrides]), run_dir or tmp_path / "run")
+        return trainer, trainer.fit()
+
+    return _run
