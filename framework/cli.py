@@ -43,6 +43,7 @@ def check_group_choices(overrides: Sequence[str]) -> None:
     name by name.
     """
     from framework.config import SELECTED_KINDS, group_options
+    from framework.plugins import plugin_failures
 
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
@@ -59,6 +60,8 @@ def check_group_choices(overrides: Sequence[str]) -> None:
                 raise UnknownNameError(
                     f"unknown {key} {name!r} in override '{arg}'.{hint} Available: {', '.join(options)}. "
                     f"(`prism list {key}` describes them.)"
+                    + "".join(f" Plugin module {m} failed to import (its names are missing): {e}."
+                              for m, e in plugin_failures().items())
                 )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from framework.augment import AugmentConfig
 from framework.registry import REGISTRIES, Entry
 
 #: ``conf/`` beside the ``framework`` package (true for editable installs and wheels alike).
@@ -135,6 +136,7 @@ class PrismConfig:
     optimizer: Any = MISSING
     schedule: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

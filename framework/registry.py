@@ -72,7 +72,7 @@ class Registry:
         ``description`` defaults to the first line of the builder's docstring. Registering a taken
         name raises :class:`DuplicateNameError` unless ``override=True``.
         """
-        if config is not None and not dataclasses.is_dataclass(config):
+        if config is not None and not (isinstance(config, type) and dataclasses.is_dataclass(config)):
             raise TypeError(f"{self.kind} {name!r}: config must be a dataclass, got {config!r}")
 
         def decorator(builder: T) -> T:

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework import parallel
 from framework.api import DataInfo, DataSource
+from framework.augment import Pipeline
 from framework.checkpoint import Checkpointer, signature
 from framework.data import VALID_KEY, eval_batches, train_iterator
 from framework.errors import ConfigError, NonFiniteLossError
@@ -75,15 +76,18 @@ def _restore_dtypes(tree: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
 
 
-def prepare_images(batch: dict, info: DataInfo, dtype) -> dict:
-    """uint8 images -> floats in [0, 1] (standardized with the dataset's mean/std when it gives them)."""
+def prepare_images(batch: dict, info: DataInfo, dtype, pipeline: Pipeline | None = None,
+                   key: jax.Array | None = None) -> dict:
+    """uint8 images -> floats in [0, 1] -> ``pipeline`` (augmentations, then the dataset's mean/std
+    normalization when it gives one) -> ``dtype``. Without a pipeline: normalization only."""
     batch = dict(batch)
     image = batch["image"]
     if jnp.issubdtype(image.dtype, jnp.integer):
         image = image.astype(jnp.float32) / 255.0
-    if info.mean is not None and info.std is not None:
-        image = (image - jnp.asarray(info.mean)) / jnp.asarray(info.std)
-    batch["image"] = image.astype(dtype)
+    batch["image"] = image.astype(jnp.float32)
+    pipeline = pipeline or Pipeline([], info.mean, info.std)
+    batch = pipeline(batch, key if key is not None else jax.random.key(0))
+    batch["image"] = batch["image"].astype(dtype)
     return batch
 
 
@@ -189,10 +193,17 @@ class Trainer:
         tx, schedule, accum = self.optimizer.tx, self.optimizer.schedule, self.accum
         dtype, ema_decay = self.compute_dtype, cfg.train.ema_decay
         base_key = jax.random.key(cfg.seed + 1)
+        train_pipeline = Pipeline.from_config(cfg.augment.ops, mean=info.mean, std=info.std)
+        view_pipelines = [Pipeline.from_config(ops, mean=info.mean, std=info.std, where=f"augment.views[{i}]")
+                          for i, ops in enumerate(cfg.augment.views)]
 
         def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-            key = jax.random.fold_in(base_key, state.step)
-            batch = prepare_images(batch, info, dtype)
+            key, aug_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+            views = [prepare_images(batch, info, dtype, view, jax.random.fold_in(aug_key, 1 + i))["image"]
+                     for i, view in enumerate(view_pipelines)]
+            batch = prepare_images(batch, info, dtype, train_pipeline, aug_key)
+            if views:
+                batch["views"] = views
 
             def loss_fn(params):
                 compute_params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
