@@ -120,9 +120,14 @@ def cmd_train(args: list[str]) -> int:
 
 
 def cmd_list(args: list[str]) -> int:
-    from framework.plugins import plugin_failures
+    import warnings
+
+    from framework.plugins import PluginImportWarning, load_plugins, plugin_failures
     from framework.registry import REGISTRIES, registry_for
 
+    with warnings.catch_warnings():  # failures are reported once, below
+        warnings.simplefilter("ignore", PluginImportWarning)
+        load_plugins()
     registries = [registry_for(args[0])] if args else list(REGISTRIES.values())
     for registry in registries:
         entries = registry.entries()

@@ -36,7 +36,7 @@ def _record_failure(name: str, exc: BaseException) -> None:
     where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
     _failures[name] = f"{type(exc).__name__}: {exc}{where}"
     warnings.warn(f"prism plugin {name!r} failed to import: {_failures[name]}", PluginImportWarning,
-                  stacklevel=3)
+                  stacklevel=1)
 
 
 def _builtin_module_names() -> list[str]:

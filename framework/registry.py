@@ -95,7 +95,9 @@ class Registry:
     def add(self, entry: Entry, *, override: bool = False) -> None:
         """Register a ready-made :class:`Entry` (the decorator's underlying operation)."""
         existing = self._entries.get(entry.name)
-        if existing is not None and not override and existing.builder is not entry.builder:
+        reloaded = existing is not None and (existing.module, getattr(existing.builder, "__qualname__", None)) == (
+            entry.module, getattr(entry.builder, "__qualname__", None))  # importlib.reload of the same module
+        if existing is not None and not override and existing.builder is not entry.builder and not reloaded:
             raise DuplicateNameError(
                 f"{self.kind} {entry.name!r} is already registered by {existing.module}; "
                 f"{entry.module} tried to register it again. Pick another name, or pass "

@@ -1,0 +1,84 @@
+"""A real third-party plugin package (tests/plugin_package) installed with pip and used through the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import FAST, REPO, read_result, run_prism
+from omegaconf import OmegaConf
+
+PACKAGE_DIR = REPO / "tests" / "plugin_package"
+PLUGIN_FILE = PACKAGE_DIR / "prism_example_plugin" / "__init__.py"
+README = REPO / "README.md"
+FAST_NO_WIDTHS = [o for o in FAST if not o.startswith("model.widths=")]
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory) -> dict:
+    """pip-install the package into a fresh target dir; the environment that puts it on the path."""
+    root = tmp_path_factory.mktemp("third_party")
+    # Build from a copy so the in-tree build/ and *.egg-info never land in (or go stale in) the repo.
+    source = root / "src"
+    shutil.copytree(PACKAGE_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = root / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-input",
+         "--disable-pip-version-check", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (target / "prism_example_plugin" / "__init__.py").read_text() == PLUGIN_FILE.read_text()
+    entry_points = next(target.glob("prism_example_plugin-*.dist-info")) / "entry_points.txt"
+    assert "[prism.plugins]\nexample = prism_example_plugin" in entry_points.read_text()
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+
+
+def test_plugin_file_is_short():
+    assert len(PLUGIN_FILE.read_text().splitlines()) <= 50
+
+
+def test_list_shows_the_installed_model(plugin_env, tmp_path):
+    proc = run_prism("list", "model", cwd=tmp_path, env=plugin_env)
+
+    assert proc.returncode == 0, proc.stderr
+    description = re.search(r"^  tiny_mlp\s+(.*)$", proc.stdout, re.MULTILINE)
+    assert description and description[1] == "Two-layer perceptron on flattened pixels.", proc.stdout
+    assert re.search(r"^  simple_cnn\s", proc.stdout, re.MULTILINE)
+    assert "failed to import" not in proc.stderr
+
+
+def test_train_the_installed_model(plugin_env, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_prism("train", "model=tiny_mlp", "model.hidden=16", *FAST_NO_WIDTHS, f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path, env=plugin_env)
+
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = read_result(run_dir)
+    assert result["status"] == "completed"
+    assert result["steps"] == 20
+    # flatten(8x8x1 digits) -> Linear(64, 16) -> ReLU -> Linear(16, 10): the hidden width really was 16
+    assert result["params"] == 64 * 16 + 16 + 16 * 10 + 10
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.model.name == "tiny_mlp"
+    assert saved.model.hidden == 16
+    assert set(saved.model) == {"name", "hidden"}  # the plugin's dataclass is the whole model schema
+
+
+def test_unknown_key_of_the_plugin_config_is_rejected(plugin_env, tmp_path):
+    proc = run_prism("train", "model=tiny_mlp", "model.widths=[8]", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path, env=plugin_env)
+
+    assert proc.returncode != 0
+    assert "widths" in proc.stderr and "TinyMLPConfig" in proc.stderr
+
+
+def test_readme_shows_the_plugin_verbatim():
+    readme = README.read_text() if README.exists() else ""
+    if not re.search(r"^## Writing a plugin", readme, re.MULTILINE):
+        pytest.skip("README not written yet")
+    assert PLUGIN_FILE.read_text().strip() in readme
