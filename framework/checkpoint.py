@@ -51,7 +51,11 @@ def unflatten_state(flat: dict[str, Any], like: Any) -> Any:
     for path, ref in leaves_with_path:
         value = flat[jax.tree_util.keystr(path)]
         if _is_key(ref):
-            value = jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(ref))
+            # jax.random.key_impl accepts only concrete keys; the restore target is abstract
+            impl = ref.dtype._impl if isinstance(ref, jax.ShapeDtypeStruct) else jax.random.key_impl(ref)
+            value = jax.random.wrap_key_data(jnp.asarray(value), impl=impl)
+            if getattr(ref, "sharding", None) is not None:
+                value = jax.device_put(value, ref.sharding)
         leaves.append(value)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

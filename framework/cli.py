@@ -21,6 +21,7 @@ log = logging.getLogger("prism")
 COMMANDS = {
     "train": "train a model: prism train [key=value ...] [-m for a sweep] (a Hydra app; --help lists groups)",
     "list": "list registered plugins: prism list [KIND] (kinds: model, dataset, objective, task, ...)",
+    "bench": "benchmark the input pipeline: prism bench data [--batches N] [--out PATH] [key=value ...]",
 }
 
 USAGE = "usage: prism COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
@@ -142,6 +143,21 @@ def cmd_list(args: list[str]) -> int:
     return 0
 
 
+def cmd_bench(args: list[str]) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.bench import main as bench_main
+    from framework.plugins import load_plugins
+
+    load_plugins()
+    check_group_choices([a for a in args if not a.startswith("-")])
+    try:
+        return bench_main(args)
+    except (HydraException, OmegaConfBaseException) as exc:  # Hydra's message names the key
+        return _fail(str(exc), code=1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -151,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prism {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    handlers = {"train": cmd_train, "list": cmd_list}
+    handlers = {"train": cmd_train, "list": cmd_list, "bench": cmd_bench}
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
         hint = f" Did you mean: {close[0]}?" if close else ""

@@ -32,7 +32,9 @@ SELECTED_KINDS = ("model", "dataset", "objective", "task", "optimizer", "schedul
 class TrainConfig:
     """How long and how to train.
 
-    steps: total optimizer steps; 0 means ``epochs`` worth of the training split.
+    steps: total optimizer updates; 0 means ``epochs`` worth of the training split.
+        ``eval_every``, ``log_every``, ``checkpoint.every`` and the step numbers in logs and
+        checkpoints count batches; they equal optimizer updates unless ``grad_accum_steps`` > 1.
     epochs: used when ``steps`` is 0 (fractions allowed).
     batch_size: global batch (all devices, all hosts); must divide by the data-parallel size.
     eval_batch_size: global evaluation batch; 0 means ``batch_size``.

@@ -58,7 +58,7 @@ class TrainState(NamedTuple):
     rest: Any  # all other NNX state: BatchNorm statistics, RNG streams, EMA targets, ...
     opt_state: Any
     ema_params: Any  # parameter EMA (or None)
-    bad_step: jax.Array  # first step whose loss was not finite (-1: none)
+    bad_step: jax.Array  # first step (1-based, as logged) whose loss was not finite (-1: none)
 
 
 def _build_plugin(registry, section: DictConfig, **kwargs: Any) -> Any:
@@ -74,6 +74,15 @@ def _cast_floats(tree: Any, dtype) -> Any:
 
 def _restore_dtypes(tree: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
+
+
+def _set_compute_dtype(system: nnx.Module, dtype) -> None:
+    """Make every flax layer compute in ``dtype`` (their ``dtype`` attribute; parameters and BatchNorm
+    statistics keep their float32 storage). Without it a layer infers its dtype by promotion, and
+    BatchNorm's float32 running statistics promote the activations back to float32."""
+    for _, module in nnx.iter_modules(system):
+        if hasattr(module, "dtype") and hasattr(module, "param_dtype"):
+            module.dtype = dtype
 
 
 def prepare_images(batch: dict, info: DataInfo, dtype, pipeline: Pipeline | None = None,
@@ -154,8 +163,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, updates=self.updates)
         self._build_state()
         self._compile_steps()
-        self.checkpointer = (Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
-                             if cfg.checkpoint.enabled else None)
+        self.checkpointer: Checkpointer | None = None  # opened by fit(), closed when it returns
 
     # -- construction ---------------------------------------------------------------------------
     def _create_system(self, key: jax.Array) -> System:
@@ -168,6 +176,8 @@ class Trainer:
         """Create parameters and optimizer state directly with their shardings (no host copy)."""
         key = jax.random.key(self.cfg.seed)
         abstract_system = nnx.eval_shape(lambda: self._create_system(key))
+        if self.compute_dtype != jnp.float32:
+            _set_compute_dtype(abstract_system, self.compute_dtype)
         self.graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
         abstract_system.eval()
         self.eval_graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
@@ -221,11 +231,13 @@ class Trainer:
             params, opt_state, new_rest = keep(params, state.params), keep(opt_state, state.opt_state), keep(
                 new_rest, state.rest)
             ema = state.ema_params
-            if ema is not None:
-                ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-            bad = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
+            if ema is not None:  # once per optimizer update (not per accumulated micro-batch)
+                updated = (state.step + 1) % accum == 0
+                ema = jax.tree.map(lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
+                                   ema, params)
+            bad = jnp.where((state.bad_step < 0) & ~finite, state.step + 1, state.bad_step)
             new_state = TrainState(state.step + 1, params, new_rest, opt_state, ema, bad)
-            logs = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+            logs = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
                     "train/lr": schedule(state.step // accum),
                     **{f"train/{k}": v for k, v in metrics.items()}}
             return new_state, logs
@@ -302,6 +314,8 @@ class Trainer:
         data_iter = train_iterator(self.train_split, global_batch=t.batch_size, host=self.host, seed=cfg.seed,
                                    shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
                                    threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
+        if cfg.checkpoint.enabled:
+            self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         start = self._maybe_resume(data_iter)
         logger = MetricLogger(self.run_dir, total_steps=self.micro_steps, start_step=start,
                               steps_per_epoch=self.steps_per_epoch, enabled=self.is_main,
@@ -309,6 +323,8 @@ class Trainer:
         if start:
             logger.message(f"resumed from the checkpoint at step {start} in {self.checkpointer.directory}")
         status, step, eval_metrics, last_logged = "completed", start, {}, {}
+        if start >= self.micro_steps:  # a finished run: report its final evaluation again
+            eval_metrics = self.evaluate()
         save_every = cfg.checkpoint.every
         try:
             with _Preemption() as preemption:

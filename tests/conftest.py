@@ -11,6 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "jax")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Datasets prepared by the tests (TFDS array_record files) go here, not into ~/tensorflow_datasets.
+os.environ.setdefault("PRISM_DATA_DIR", os.path.join(os.path.dirname(_CACHE), "tensorflow_datasets"))
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

@@ -1,15 +1,23 @@
-"""scikit-learn's bundled UCI digits: 1,797 real 8x8 grayscale images, 10 classes, no download."""
+"""scikit-learn's bundled UCI digits: 1,797 real 8x8 grayscale images, 10 classes, no download.
+
+Prepared once as a TFDS array_record dataset (``<data_dir>/digits/<identity>/``) with a stratified,
+seeded train/test split, then read through :class:`~plugins.datasets.tfds_source.TFDSSource`; being
+tiny and read for many epochs by the default job, its splits are cached in memory by default.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from framework.api import DataInfo
 from framework.errors import ConfigError
 from framework.registry import DATASETS
+from plugins.datasets.tfds_source import Plan, TFDSSource, load_or_prepare, png_bytes, short_identity
+
+CLASS_NAMES = tuple(str(d) for d in range(10))
+VERSION = "1.0.0"
 
 
 @dataclass
@@ -18,55 +26,57 @@ class DigitsConfig:
 
     test_fraction: share of each class held out as the ``test`` split.
     split_seed: seed of the split (fixed, so every run evaluates on the same images).
-    train_split / eval_split: the splits the trainer trains and evaluates on.
+    train_split / eval_split: the splits (TFDS specs, slicing allowed) the trainer trains and evaluates on.
+    data_dir: where the prepared dataset lives ('' = $PRISM_DATA_DIR or ~/tensorflow_datasets).
+    cache: keep the decoded splits in memory (1,797 tiny images; saves decoding every epoch).
     """
 
     test_fraction: float = 0.2
     split_seed: int = 0
     train_split: str = "train"
     eval_split: str = "test"
+    data_dir: str = ""
+    cache: bool = True
 
 
-class ArraySplit(Sequence):
-    """Random access to in-memory ``image``/``label`` arrays as example dicts."""
+def split_digits(test_fraction: float, split_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"train"|"test": (uint8 images (N, 8, 8, 1) scaled 0-16 -> 0-255, int32 labels)}``, stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[index], "label": self.labels[index]}
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_fraction, random_state=split_seed, stratify=labels)
+    return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
-class DigitsSource:
-    """The digits images as uint8 (0-16 scaled to 0-255), shape (8, 8, 1)."""
+def digits_plan(test_fraction: float, split_seed: int) -> Plan:
+    splits = split_digits(test_fraction, split_seed)
+    train = splits["train"][0] / 255.0
 
-    def __init__(self, cfg: DigitsConfig) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+    def examples(name: str):
+        images, labels = splits[name]
+        return lambda: ({"image": png_bytes(x), "label": int(y)} for x, y in zip(images, labels, strict=True))
 
-        if not 0 < cfg.test_fraction < 1:
-            raise ConfigError(f"dataset.test_fraction must be in (0, 1), got {cfg.test_fraction}")
-        digits = load_digits()
-        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-        labels = digits.target.astype(np.int32)
-        x_train, x_test, y_train, y_test = train_test_split(
-            images, labels, test_size=cfg.test_fraction, random_state=cfg.split_seed, stratify=labels)
-        self._splits = {"train": ArraySplit(x_train, y_train), "test": ArraySplit(x_test, y_test)}
-        self.info = DataInfo(num_classes=10, image_shape=(8, 8, 1),
-                             splits={k: len(v) for k, v in self._splits.items()},
-                             class_names=tuple(str(d) for d in range(10)),
-                             mean=(float(x_train.mean() / 255.0),), std=(float(x_train.std() / 255.0),))
-
-    def split(self, name: str) -> ArraySplit:
-        if name not in self._splits:
-            raise ConfigError(f"dataset 'digits' has no split {name!r}; splits: {', '.join(self._splits)}")
-        return self._splits[name]
+    return Plan(
+        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 1)),
+                                             "label": tfds.features.ClassLabel(names=CLASS_NAMES)}),
+        splits={name: examples(name) for name in splits},
+        description=f"scikit-learn digits, stratified split test_fraction={test_fraction} seed={split_seed}",
+        metadata={"mean": [float(train.mean())], "std": [float(train.std())]},  # of the train split
+    )
 
 
 @DATASETS.register("digits", config=DigitsConfig,
                    description="scikit-learn's bundled 8x8 digits (1,797 real images, 10 classes).")
-def build_digits(cfg: DigitsConfig) -> DigitsSource:
-    return DigitsSource(cfg)
+def build_digits(cfg: DigitsConfig) -> TFDSSource:
+    if not 0 < cfg.test_fraction < 1:
+        raise ConfigError(f"dataset.test_fraction must be in (0, 1), got {cfg.test_fraction}")
+    identity = short_identity("split", {"test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed})
+    builder, _ = load_or_prepare("digits", identity, data_dir=cfg.data_dir, version=VERSION,
+                                 make_plan=lambda: digits_plan(cfg.test_fraction, cfg.split_seed))
+    meta = builder.info.metadata
+    return TFDSSource(builder, dataset="digits", used_splits=(cfg.train_split, cfg.eval_split),
+                      mean=meta["mean"], std=meta["std"], cache=cfg.cache)

@@ -2,6 +2,8 @@
 
 Debian's package ``dataset-fashion-mnist`` installs them under ``/usr/share/datasets/fashion-mnist``
 (``apt-get install -y dataset-fashion-mnist``); point ``dataset.path`` elsewhere for another copy.
+The first use prepares a TFDS array_record dataset from them (``<data_dir>/fashion_mnist_local/``,
+a minute at most), read by index afterwards.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tensorflow_datasets as tfds
 
-from framework.api import DataInfo
-from framework.errors import ConfigError, DataError
+from framework.errors import DataError
 from framework.registry import DATASETS
-from plugins.datasets.digits import ArraySplit
+from plugins.datasets._folder_common import fingerprint
+from plugins.datasets.tfds_source import Plan, TFDSSource, load_or_prepare, png_bytes, short_identity
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle boot")
@@ -24,15 +27,20 @@ FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+VERSION = "1.0.0"
 
 
 @dataclass
 class FashionMNISTConfig:
-    """path: folder holding the four idx .gz files; train_split / eval_split: splits used by the trainer."""
+    """path: folder holding the four idx .gz files; train_split / eval_split: splits (TFDS specs) used
+    by the trainer; data_dir: where the prepared dataset lives ('' = $PRISM_DATA_DIR or ~/tensorflow_datasets);
+    cache: keep the decoded splits in memory."""
 
     path: str = "/usr/share/datasets/fashion-mnist"
     train_split: str = "train"
     eval_split: str = "test"
+    data_dir: str = ""
+    cache: bool = False
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -49,32 +57,47 @@ def read_idx(path: Path) -> np.ndarray:
     return payload.reshape(shape)
 
 
-class FashionMNISTSource:
-    def __init__(self, cfg: FashionMNISTConfig) -> None:
-        root = Path(cfg.path)
-        missing = [str(root / f) for pair in FILES.values() for f in pair if not (root / f).is_file()]
-        if missing:
-            raise DataError(
-                f"dataset.path={cfg.path!r}: missing Fashion-MNIST file(s) {', '.join(missing)}. Install "
-                f"them with `apt-get install -y dataset-fashion-mnist` or set dataset.path to their folder."
-            )
-        self._splits = {}
-        for split, (images, labels) in FILES.items():
-            x, y = read_idx(root / images), read_idx(root / labels).astype(np.int32)
-            if len(x) != len(y):
-                raise DataError(f"{root / images}: {len(x)} images but {len(y)} labels")
-            self._splits[split] = ArraySplit(x[..., None], y)
-        self.info = DataInfo(num_classes=10, image_shape=(28, 28, 1),
-                             splits={k: len(v) for k, v in self._splits.items()}, class_names=CLASS_NAMES,
-                             mean=(0.2860,), std=(0.3530,))
+def fashion_mnist_plan(root: Path) -> Plan:
+    arrays = {}
+    for split, (images, labels) in FILES.items():
+        x, y = read_idx(root / images), read_idx(root / labels)
+        if len(x) != len(y):
+            raise DataError(f"{root / images}: {len(x)} images but {len(y)} labels")
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise DataError(f"{root / images}: expected 28x28 images, got shape {x.shape}")
+        if y.size and y.max() >= len(CLASS_NAMES):
+            raise DataError(f"{root / labels}: label {int(y.max())} out of range (10 classes)")
+        arrays[split] = (x, y)
+    train = arrays["train"][0] / 255.0 if len(arrays["train"][0]) else np.zeros(1)
 
-    def split(self, name: str) -> ArraySplit:
-        if name not in self._splits:
-            raise ConfigError(f"dataset 'fashion_mnist_local' has no split {name!r}; splits: train, test")
-        return self._splits[name]
+    def examples(name: str):
+        images, labels = arrays[name]
+        return lambda: ({"image": png_bytes(x), "label": int(y)} for x, y in zip(images, labels, strict=True))
+
+    return Plan(
+        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(28, 28, 1)),
+                                             "label": tfds.features.ClassLabel(names=CLASS_NAMES)}),
+        splits={name: examples(name) for name in FILES},
+        description=f"Fashion-MNIST from the idx files in {root}",
+        # Computed over the train split (the full set gives the usual 0.2860 / 0.3530).
+        metadata={"mean": [float(train.mean())], "std": [float(train.std())]},
+    )
 
 
 @DATASETS.register("fashion_mnist_local", config=FashionMNISTConfig,
                    description="Fashion-MNIST from local idx .gz files (Debian's dataset-fashion-mnist).")
-def build_fashion_mnist(cfg: FashionMNISTConfig) -> FashionMNISTSource:
-    return FashionMNISTSource(cfg)
+def build_fashion_mnist(cfg: FashionMNISTConfig) -> TFDSSource:
+    root = Path(cfg.path).expanduser().absolute()
+    files = [root / f for pair in FILES.values() for f in pair]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"dataset.path={cfg.path!r}: missing Fashion-MNIST file(s) {', '.join(missing)}. Install "
+            f"them with `apt-get install -y dataset-fashion-mnist` or set dataset.path to their folder."
+        )
+    identity = short_identity(root.name, {"path": str(root), "files": fingerprint(root, files)})
+    builder, _ = load_or_prepare("fashion_mnist_local", identity, data_dir=cfg.data_dir, version=VERSION,
+                                 make_plan=lambda: fashion_mnist_plan(root))
+    meta = builder.info.metadata
+    return TFDSSource(builder, dataset="fashion_mnist_local", used_splits=(cfg.train_split, cfg.eval_split),
+                      mean=meta["mean"], std=meta["std"], cache=cfg.cache)

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 from framework.registry import TRANSFORMS
 from plugins.transforms._common import with_probability
 
-LUMA = jnp.array([0.299, 0.587, 0.114])
+LUMA = (0.299, 0.587, 0.114)  # not a jnp constant: that would start XLA before jax.distributed
 
 
 def _gray(image: jax.Array) -> jax.Array:
     """(H, W, 1) luminance of an RGB image (identity for one channel)."""
-    return image if image.shape[-1] == 1 else (image[..., :3] @ LUMA)[..., None]
+    return image if image.shape[-1] == 1 else (image[..., :3] @ jnp.asarray(LUMA))[..., None]
 
 
 def _factor(key: jax.Array, strength: float) -> jax.Array:
