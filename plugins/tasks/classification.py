@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from framework.api import Batch, DataInfo, Task
-from framework.registry import TASKS
+from framework.registry import METRICS, TASKS
 
 
 @dataclass
@@ -24,19 +23,14 @@ class Classification(Task):
     batch_keys = ("image", "label")
 
     def __init__(self, cfg: ClassificationConfig, num_classes: int) -> None:
-        self.top_k = min(cfg.top_k, num_classes)
+        self.metrics = {"accuracy": METRICS.build("accuracy"), "loss": METRICS.build("cross_entropy")}
+        top_k = min(cfg.top_k, num_classes)
+        if top_k > 1:
+            self.metrics[f"top{top_k}"] = METRICS.build("top_k_accuracy", METRICS.get("top_k_accuracy").config(k=top_k))
 
     def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         logits = model(batch["image"]).astype(jnp.float32)
-        labels = batch["label"]
-        outputs = {
-            "accuracy": (logits.argmax(-1) == labels).astype(jnp.float32),
-            "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-        }
-        if self.top_k > 1:
-            top = jax.lax.top_k(logits, self.top_k)[1]
-            outputs[f"top{self.top_k}"] = (top == labels[:, None]).any(-1).astype(jnp.float32)
-        return outputs
+        return {name: metric(logits, batch["label"]) for name, metric in self.metrics.items()}
 
 
 @TASKS.register("classification", config=ClassificationConfig,
