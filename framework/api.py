@@ -7,7 +7,10 @@ detection, ``mask`` for segmentation, ...).
 
 - dataset builder ``(cfg) -> DataSource``
 - model builder ``(cfg, *, data: DataInfo, rngs: nnx.Rngs) -> nnx.Module``
-- objective builder ``(cfg, *, model, data: DataInfo, rngs: nnx.Rngs) -> Objective``
+- objective builder ``(cfg, *, model, data: DataInfo, rngs: nnx.Rngs[, total_steps: int]) -> Objective``;
+  ``total_steps`` (the number of training batches in the run, i.e. of calls to the objective; optimizer
+  updates times ``train.grad_accum_steps``) is passed only to builders that declare that keyword, for
+  objectives with their own schedules (an EMA target's decay)
 - task builder ``(cfg, *, data: DataInfo) -> Task``
 - optimizer builder ``(cfg, *, learning_rate, weight_decay_mask) -> optax.GradientTransformation``
 - schedule builder ``(cfg, *, base_lr: float, total_steps: int) -> optax.Schedule``
@@ -58,12 +61,21 @@ class Objective(nnx.Module):
     ``__call__(model, batch, key)`` returns ``(loss, metrics)``: a scalar loss averaged over the
     global batch and a dict of scalar metrics. ``key`` is a per-step PRNG key. State the objective
     changes (BatchNorm statistics, EMA targets) is updated in place as NNX variables; the trainer
-    carries it between steps.
+    carries it between steps. Variables that are not ``nnx.Param`` get no gradient and no optimizer
+    update (an EMA target is a custom ``nnx.Variable`` subclass).
+
+    ``eval_outputs(model, batch)`` lets an objective add to evaluation what only it can measure (an
+    online probe it trains, say): per-example arrays like the task's, averaged over the evaluation split
+    and reported as ``eval/<name>`` beside the task's metrics (a name both report is an error).
     """
 
     @abstractmethod
     def __call__(self, model: nnx.Module, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
         """Loss and scalar metrics of ``model`` on a global ``batch``."""
+
+    def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+        """Per-example evaluation outputs of the objective on a global ``batch`` (runs under jit); none here."""
+        return {}
 
 
 class Task(ABC):

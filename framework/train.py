@@ -12,6 +12,7 @@ the same numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import signal
@@ -61,8 +62,13 @@ class TrainState(NamedTuple):
     bad_step: jax.Array  # first step (1-based, as logged) whose loss was not finite (-1: none)
 
 
-def _build_plugin(registry, section: DictConfig, **kwargs: Any) -> Any:
+def _build_plugin(registry, section: DictConfig, optional: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """Build ``section``'s plugin with ``kwargs``, plus those of ``optional`` its builder declares."""
     entry = registry.get(section.name)
+    if optional:
+        params = inspect.signature(entry.builder).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs.update({k: v for k, v in optional.items() if takes_any or k in params})
     if entry.config is None:
         return entry.builder(**kwargs)
     return entry.builder(plugin_config(section), **kwargs)
@@ -169,7 +175,8 @@ class Trainer:
     def _create_system(self, key: jax.Array) -> System:
         rngs = nnx.Rngs(key)
         model = _build_plugin(MODELS, self.cfg.model, data=self.info, rngs=rngs)
-        objective = _build_plugin(OBJECTIVES, self.cfg.objective, model=model, data=self.info, rngs=rngs)
+        objective = _build_plugin(OBJECTIVES, self.cfg.objective, {"total_steps": self.micro_steps}, model=model,
+                                  data=self.info, rngs=rngs)
         return System(model, objective)
 
     def _build_state(self) -> None:
@@ -242,13 +249,18 @@ class Trainer:
                     **{f"train/{k}": v for k, v in metrics.items()}}
             return new_state, logs
 
-        def eval_step(state: TrainState, batch: dict) -> dict:
+        def eval_step(state: TrainState, batch: dict) -> tuple[dict, dict]:
+            """(the task's per-example outputs, the objective's: see ``Objective.eval_outputs``)."""
             params = state.ema_params if state.ema_params is not None else state.params
             compute_params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
             system = nnx.merge(eval_graphdef, compute_params, state.rest, copy=True)
-            outputs = task.eval_outputs(system.model, prepare_images(batch, info, dtype))
-            return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
-                    for k, v in outputs.items()}
+            batch = prepare_images(batch, info, dtype)
+            outputs = task.eval_outputs(system.model, batch)
+            objective_outputs = getattr(system.objective, "eval_outputs", None)
+            extra = objective_outputs(system.model, batch) if objective_outputs is not None else {}
+            as_f32 = lambda out: {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v  # noqa: E731
+                                  for k, v in out.items()}
+            return as_f32(outputs), as_f32(extra)
 
         replicated = parallel.replicated(self.mesh)
         self.train_step = jax.jit(train_step, donate_argnums=0,
@@ -257,8 +269,9 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics over the whole evaluation split (padding masked out), on every host."""
-        collected: dict[str, list[np.ndarray]] = {}
+        """The task's metrics over the whole evaluation split (padding masked out), on every host, plus the
+        means of the objective's evaluation outputs (when it has any)."""
+        collected: tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]] = ({}, {})
         batches = eval_batches(self.eval_split, global_batch=self.eval_batch_size, host=self.eval_host,
                                max_batches=self.cfg.train.max_eval_batches)
         for host_batch in batches:
@@ -267,10 +280,17 @@ class Trainer:
             if jax.process_count() > 1:
                 outputs = multihost_utils.process_allgather(outputs, tiled=True)
                 valid = multihost_utils.process_allgather(valid, tiled=True)
-            for name, value in outputs.items():
-                collected.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
-        merged = {name: np.concatenate(parts) for name, parts in collected.items()}
-        return {f"eval/{k}": v for k, v in self.task.summarize(merged).items()}
+            for part, into in zip(outputs, collected, strict=True):
+                for name, value in part.items():
+                    into.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
+        task_out, objective_out = ({name: np.concatenate(parts) for name, parts in c.items()} for c in collected)
+        metrics = dict(self.task.summarize(task_out))
+        clash = sorted(set(metrics) & set(objective_out))
+        if clash:
+            raise ConfigError(f"objective {self.cfg.objective.name!r} and task {self.cfg.task.name!r} both report "
+                              f"evaluation metric(s) {clash}")
+        metrics.update({name: float(np.mean(values)) for name, values in objective_out.items()})
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:

@@ -1,0 +1,92 @@
+"""Building blocks shared by the model plugins: PyTorch-style conv/BN factories, initializers matching
+torchvision's, and adaptive average pooling. Private module (not imported by plugin discovery on its
+own; the model modules import it).
+
+Layouts are NHWC (flax); torchvision's ``padding=p`` becomes explicit symmetric padding ``((p, p), (p, p))``
+so that output sizes match PyTorch's for every input size (flax's ``"SAME"`` pads asymmetrically for
+strided convs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from framework.api import DataInfo
+
+#: torchvision BatchNorm defaults: eps 1e-5, PyTorch momentum 0.1 = flax momentum 0.9.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+
+#: ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` (torchvision ResNet/VGG/MobileNetV2 convs).
+kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+#: ``kaiming_normal_()`` with its default fan_in mode (torchvision DenseNet convs).
+kaiming_normal_fan_in = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+#: PyTorch's default weight init for Conv/Linear: ``kaiming_uniform_(a=sqrt(5))`` = U(+-1/sqrt(fan_in)).
+torch_default = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def num_classes_of(cfg_num_classes: int, data: DataInfo) -> int:
+    """The config's number of classes, or the dataset's when the config says 0."""
+    n = cfg_num_classes or data.num_classes
+    if n <= 0:
+        raise ValueError(f"num_classes must be positive (config {cfg_num_classes}, dataset {data.num_classes})")
+    return n
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1, padding: int | None = None,
+         groups: int = 1, bias: bool = False, kernel_init=kaiming_normal_fan_out, bias_init=zeros) -> nnx.Conv:
+    """A square conv with PyTorch semantics: symmetric ``padding`` (default ``kernel // 2``), ``groups``."""
+    p = kernel // 2 if padding is None else padding
+    return nnx.Conv(in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                    feature_group_count=groups, use_bias=bias, kernel_init=kernel_init, bias_init=bias_init,
+                    rngs=rngs)
+
+
+def batch_norm(channels: int, *, rngs: nnx.Rngs, zero_init: bool = False) -> nnx.BatchNorm:
+    """BatchNorm with torchvision's eps/momentum; ``zero_init`` starts gamma at 0 (residual branches)."""
+    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, scale_init=zeros if zero_init else ones,
+                         rngs=rngs)
+
+
+def linear(in_f: int, out_f: int, *, rngs: nnx.Rngs, kernel_init=torch_default, bias_init=zeros) -> nnx.Linear:
+    return nnx.Linear(in_f, out_f, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+    """PyTorch ``MaxPool2d(kernel, stride, padding)`` (floor mode; padding counts as -inf)."""
+    return nnx.max_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+def avg_pool(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+    """PyTorch ``AvgPool2d(kernel, stride)`` without padding (floor mode)."""
+    return nnx.avg_pool(x, (kernel, kernel), (stride, stride))
+
+
+def _adaptive_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) averaging weights of PyTorch's adaptive pooling: bin i covers
+    ``[floor(i * in / out), ceil((i + 1) * in / out))``; bins overlap or repeat when sizes don't divide."""
+    m = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
+    """PyTorch ``AdaptiveAvgPool2d(output_size)`` on NHWC input of any spatial size (exact bins)."""
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    h, w = x.shape[1], x.shape[2]
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh == 0 and w % ow == 0:  # equal, non-overlapping bins: a reshape-mean
+        return x.reshape(x.shape[0], oh, h // oh, ow, w // ow, x.shape[3]).mean(axis=(2, 4))
+    mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
+    mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
+    return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw)
+

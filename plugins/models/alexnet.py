@@ -1,0 +1,71 @@
+"""AlexNet (Krizhevsky et al. 2012) in torchvision's single-tower layout, with its AdaptiveAvgPool(6x6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+
+from framework.api import DataInfo
+from framework.registry import MODELS
+from plugins.models._layers import adaptive_avg_pool, conv, linear, max_pool, num_classes_of, torch_default
+
+#: (out channels, kernel, stride, padding, max-pool after) of the five convs (torchvision.models.alexnet).
+CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (256, 3, 1, 1, False),
+         (256, 3, 1, 1, True))
+
+
+@dataclass
+class AlexNetConfig:
+    """AlexNet: five convs (ReLU, three 3x3/2 max-pools), adaptive average pool to 6x6, two hidden FC layers.
+
+    hidden: width of the two hidden fully connected layers (4096 in the paper and torchvision).
+    dropout: dropout rate before each hidden FC layer (0.5).
+    num_classes: 0 means the dataset's number of classes.
+    """
+
+    hidden: int = 4096
+    dropout: float = 0.5
+    num_classes: int = 0
+
+
+class AlexNet(nnx.Module):
+    """convs -> AdaptiveAvgPool(6x6) -> flatten -> [dropout, fc, ReLU] x2 (``features``) -> linear ``head``.
+
+    ``features`` is the 4096-d output of the second hidden FC layer (torchvision ``classifier[:-1]``);
+    PyTorch flattens NCHW, we flatten NHWC (same parameter count, permuted rows in the first FC kernel).
+    """
+
+    def __init__(self, cfg: AlexNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
+        convs, channels, self.pool_after = [], in_channels, tuple(c[4] for c in CONVS)
+        for out, k, s, p, _ in CONVS:
+            convs.append(conv(channels, out, k, stride=s, padding=p, bias=True, kernel_init=torch_default,
+                              rngs=rngs))
+            channels = out
+        self.convs = nnx.List(convs)
+        self.dropout1 = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.fc1 = linear(channels * 6 * 6, cfg.hidden, rngs=rngs)
+        self.dropout2 = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.fc2 = linear(cfg.hidden, cfg.hidden, rngs=rngs)
+        self.num_features = cfg.hidden
+        self.head = linear(cfg.hidden, num_classes, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Output of the second hidden FC layer (after ReLU), shape (batch, num_features)."""
+        for layer, pool in zip(self.convs, self.pool_after, strict=True):
+            x = nnx.relu(layer(x))
+            if pool:
+                x = max_pool(x, 3, 2)
+        x = adaptive_avg_pool(x, 6).reshape(x.shape[0], -1)
+        x = nnx.relu(self.fc1(self.dropout1(x)))
+        return nnx.relu(self.fc2(self.dropout2(x)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+@MODELS.register("alexnet", config=AlexNetConfig, default_image_shape=(224, 224, 3),
+                 description="AlexNet (torchvision layout, adaptive 6x6 average pool, any input size >= 63 px).")
+def build_alexnet(cfg: AlexNetConfig, *, data: DataInfo, rngs: nnx.Rngs) -> AlexNet:
+    return AlexNet(cfg, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)

@@ -1,0 +1,114 @@
+"""DenseNet-121 (Huang et al. 2017) in torchvision's layout: DenseNet-BC, growth 32, blocks (6, 12, 24, 16)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from framework.api import DataInfo
+from framework.registry import MODELS
+from plugins.models._layers import (
+    avg_pool,
+    batch_norm,
+    conv,
+    kaiming_normal_fan_in,
+    linear,
+    max_pool,
+    num_classes_of,
+)
+
+
+@dataclass
+class DenseNetConfig:
+    """DenseNet-BC: a 7x7 stem, dense blocks of BN-ReLU-1x1-BN-ReLU-3x3 layers joined by compressing transitions.
+
+    growth_rate: channels each dense layer adds (k = 32).
+    block_config: number of dense layers in each block ((6, 12, 24, 16) for DenseNet-121).
+    num_init_features: output channels of the stem conv (64).
+    bn_size: bottleneck width factor: the 1x1 conv outputs bn_size * growth_rate channels (4).
+    compression: channel reduction of each transition (0.5: halve).
+    drop_rate: dropout after each dense layer (0 in torchvision's densenet121).
+    num_classes: 0 means the dataset's number of classes.
+    """
+
+    growth_rate: int = 32
+    block_config: list[int] = field(default_factory=lambda: [6, 12, 24, 16])
+    num_init_features: int = 64
+    bn_size: int = 4
+    compression: float = 0.5
+    drop_rate: float = 0.0
+    num_classes: int = 0
+
+
+class DenseLayer(nnx.Module):
+    """BN-ReLU-1x1 conv (bn_size * k) -> BN-ReLU-3x3 conv (k) [-> dropout]; returns only the k new channels."""
+
+    def __init__(self, in_ch: int, growth: int, bn_size: int, drop_rate: float, *, rngs: nnx.Rngs):
+        self.norm1 = batch_norm(in_ch, rngs=rngs)
+        self.conv1 = conv(in_ch, bn_size * growth, 1, kernel_init=kaiming_normal_fan_in, rngs=rngs)
+        self.norm2 = batch_norm(bn_size * growth, rngs=rngs)
+        self.conv2 = conv(bn_size * growth, growth, 3, kernel_init=kaiming_normal_fan_in, rngs=rngs)
+        self.dropout = nnx.Dropout(drop_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv1(nnx.relu(self.norm1(x)))
+        return self.dropout(self.conv2(nnx.relu(self.norm2(y))))
+
+
+class Transition(nnx.Module):
+    """BN-ReLU-1x1 conv (compress channels) -> 2x2 average pool."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, rngs: nnx.Rngs):
+        self.norm = batch_norm(in_ch, rngs=rngs)
+        self.conv = conv(in_ch, out_ch, 1, kernel_init=kaiming_normal_fan_in, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return avg_pool(self.conv(nnx.relu(self.norm(x))), 2, 2)
+
+
+class DenseNet(nnx.Module):
+    """stem -> dense blocks + transitions -> BN-ReLU -> global average pool (``features``) -> linear ``head``."""
+
+    def __init__(self, cfg: DenseNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
+        k = cfg.growth_rate
+        self.conv0 = conv(in_channels, cfg.num_init_features, 7, stride=2, padding=3,
+                          kernel_init=kaiming_normal_fan_in, rngs=rngs)
+        self.norm0 = batch_norm(cfg.num_init_features, rngs=rngs)
+        blocks, transitions, channels = [], [], cfg.num_init_features
+        for i, n in enumerate(cfg.block_config):
+            layers = []
+            for _ in range(n):
+                layers.append(DenseLayer(channels, k, cfg.bn_size, cfg.drop_rate, rngs=rngs))
+                channels += k
+            blocks.append(nnx.List(layers))
+            if i < len(cfg.block_config) - 1:
+                out = int(channels * cfg.compression)
+                transitions.append(Transition(channels, out, rngs=rngs))
+                channels = out
+        self.blocks, self.transitions = nnx.List(blocks), nnx.List(transitions)
+        self.norm5 = batch_norm(channels, rngs=rngs)
+        self.num_features = channels
+        self.head = linear(channels, num_classes, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Globally average-pooled output of the final BN-ReLU, shape (batch, num_features)."""
+        x = max_pool(nnx.relu(self.norm0(self.conv0(x))), 3, 2, padding=1)
+        for i, block in enumerate(self.blocks):
+            for layer in block:
+                x = jnp.concatenate([x, layer(x)], axis=-1)
+            if i < len(self.transitions):
+                x = self.transitions[i](x)
+        return nnx.relu(self.norm5(x)).mean(axis=(1, 2))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+@MODELS.register("densenet121", config=DenseNetConfig, default_image_shape=(224, 224, 3),
+                 description="DenseNet-121 (torchvision layout: growth 32, blocks 6-12-24-16, bn_size 4, "
+                             "compression 0.5).")
+def build_densenet(cfg: DenseNetConfig, *, data: DataInfo, rngs: nnx.Rngs) -> DenseNet:
+    return DenseNet(cfg, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)

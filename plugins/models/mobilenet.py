@@ -1,0 +1,104 @@
+"""MobileNetV2 (Sandler et al. 2018) in torchvision's layout: inverted residuals with linear bottlenecks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+
+from framework.api import DataInfo
+from framework.registry import MODELS
+from plugins.models._layers import batch_norm, conv, linear, num_classes_of
+
+#: (expansion t, output channels c, repeats n, first stride s), torchvision.models.mobilenetv2.
+SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+            (6, 320, 1, 1))
+_fc_init = nnx.initializers.normal(0.01)
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """torchvision's ``_make_divisible``: round to the nearest multiple of ``divisor``, never below
+    ``min_value`` (default ``divisor``) and never more than 10% below ``value``."""
+    min_value = divisor if min_value is None else min_value
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
+
+
+@dataclass
+class MobileNetV2Config:
+    """MobileNetV2.
+
+    width_mult: multiplies every layer's channels (rounded to multiples of ``round_nearest``); the last
+        conv keeps 1280 channels unless width_mult > 1.
+    round_nearest: channel counts are rounded to multiples of this (8).
+    dropout: dropout rate before the classifier (0.2).
+    num_classes: 0 means the dataset's number of classes.
+    """
+
+    width_mult: float = 1.0
+    round_nearest: int = 8
+    dropout: float = 0.2
+    num_classes: int = 0
+
+
+class ConvBNReLU6(nnx.Module):
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *, rngs: nnx.Rngs):
+        self.conv = conv(in_ch, out_ch, kernel, stride=stride, groups=groups, rngs=rngs)
+        self.bn = batch_norm(out_ch, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nnx.relu6(self.bn(self.conv(x)))
+
+
+class InvertedResidual(nnx.Module):
+    """[1x1 expand-BN-ReLU6] -> 3x3 depthwise-BN-ReLU6 -> 1x1 project-BN (linear) [+ identity]."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expand: int, *, rngs: nnx.Rngs):
+        hidden = int(round(in_ch * expand))
+        self.use_residual = stride == 1 and in_ch == out_ch
+        self.expand = ConvBNReLU6(in_ch, hidden, 1, rngs=rngs) if expand != 1 else None
+        self.depthwise = ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden, rngs=rngs)
+        self.project = conv(hidden, out_ch, 1, rngs=rngs)
+        self.project_bn = batch_norm(out_ch, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.expand(x) if self.expand is not None else x
+        y = self.project_bn(self.project(self.depthwise(y)))
+        return x + y if self.use_residual else y
+
+
+class MobileNetV2(nnx.Module):
+    """stem conv -> inverted residual stages -> 1x1 conv to 1280 -> global average pool (``features``) -> head."""
+
+    def __init__(self, cfg: MobileNetV2Config, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
+        channels = make_divisible(32 * cfg.width_mult, cfg.round_nearest)
+        last = make_divisible(1280 * max(1.0, cfg.width_mult), cfg.round_nearest)
+        self.stem = ConvBNReLU6(in_channels, channels, 3, 2, rngs=rngs)
+        blocks = []
+        for t, c, n, s in SETTINGS:
+            out = make_divisible(c * cfg.width_mult, cfg.round_nearest)
+            for i in range(n):
+                blocks.append(InvertedResidual(channels, out, s if i == 0 else 1, t, rngs=rngs))
+                channels = out
+        self.blocks = nnx.List(blocks)
+        self.last = ConvBNReLU6(channels, last, 1, rngs=rngs)
+        self.num_features = last
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.head = linear(last, num_classes, kernel_init=_fc_init, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Globally average-pooled output of the last 1x1 conv, shape (batch, num_features)."""
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.last(x).mean(axis=(1, 2))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.dropout(self.features(x)))
+
+
+@MODELS.register("mobilenet_v2", config=MobileNetV2Config, default_image_shape=(224, 224, 3),
+                 description="MobileNetV2 (torchvision layout; width_mult with channels rounded to multiples of 8).")
+def build_mobilenet_v2(cfg: MobileNetV2Config, *, data: DataInfo, rngs: nnx.Rngs) -> MobileNetV2:
+    return MobileNetV2(cfg, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)

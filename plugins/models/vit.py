@@ -1,0 +1,174 @@
+"""Vision Transformers ViT-Ti/S/B (Dosovitskiy et al. 2021) in timm's ``vit_*_patch16_224`` layout:
+patch conv, class token, learned position embedding, pre-norm blocks (qkv bias), final LayerNorm, head."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from framework.api import DataInfo
+from framework.registry import MODELS
+from plugins.models._layers import num_classes_of, torch_default, zeros
+
+LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
+_trunc_normal = nnx.initializers.truncated_normal(0.02)  # timm's Linear / pos-embed init (std 0.02)
+
+
+@dataclass
+class ViTConfig:
+    """Vision Transformer with a class token.
+
+    patch_size: side of the square patches (16).
+    image_size: side of the square images the position embedding is made for; 0 means the dataset's
+        image height. Other input sizes work: the embedding is resized bicubically (timm's dynamic size).
+    embed_dim: token width (192 Ti, 384 S, 768 B).
+    depth: number of transformer blocks (12).
+    num_heads: attention heads (3 Ti, 6 S, 12 B).
+    mlp_ratio: MLP hidden width / embed_dim (4).
+    qkv_bias: bias in the fused qkv projection (True, as timm).
+    dropout: dropout after the position embedding and in the MLP/projection (0).
+    attention_dropout: dropout on attention weights (0).
+    drop_path: stochastic depth rate, increasing linearly from 0 to this over the blocks (0).
+    num_classes: 0 means the dataset's number of classes.
+    """
+
+    patch_size: int = 16
+    image_size: int = 0
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path: float = 0.0
+    num_classes: int = 0
+
+
+def _linear(i: int, o: int, *, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(i, o, use_bias=bias, kernel_init=_trunc_normal, bias_init=zeros, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (timm ``Attention``)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, *, rngs: nnx.Rngs):
+        if dim % heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+        self.heads = heads
+        self.qkv = _linear(dim, 3 * dim, bias=qkv_bias, rngs=rngs)
+        self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+        self.proj = _linear(dim, dim, rngs=rngs)
+        self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads), 2, 0)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.heads)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", self.attn_drop(weights), v).reshape(b, n, d)
+        return self.proj_drop(self.proj(out))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), x + MLP(LN(x)) with GELU; stochastic depth on both."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
+        d, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+        self.norm1 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
+        self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attention_dropout, cfg.dropout, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
+        self.fc1 = _linear(d, hidden, rngs=rngs)
+        self.fc2 = _linear(hidden, d, rngs=rngs)
+        self.mlp_drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+        # Stochastic depth = dropout of a whole sample's residual branch: mask shared over tokens and channels.
+        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        y = self.mlp_drop(nnx.gelu(self.fc1(self.norm2(x)), approximate=False))
+        return x + self.drop_path(self.mlp_drop(self.fc2(y)))
+
+
+class VisionTransformer(nnx.Module):
+    """patchify -> [cls] + tokens + pos-embed -> blocks -> LayerNorm -> class token (``features``) -> ``head``."""
+
+    def __init__(self, cfg: ViTConfig, image_size: int, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
+        p, d = cfg.patch_size, cfg.embed_dim
+        if image_size % p:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {p}")
+        self.patch_size = p
+        self.grid = image_size // p
+        self.patch_embed = nnx.Conv(in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                                    kernel_init=torch_default, bias_init=zeros, rngs=rngs)
+        self.cls_token = nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, d)))
+        self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.grid**2 + 1, d)))
+        self.pos_drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nnx.List([Block(cfg, r, rngs=rngs) for r in rates])
+        self.norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
+        self.num_features = d
+        self.head = _linear(d, num_classes, rngs=rngs)
+
+    def _pos_embed(self, h: int, w: int) -> jax.Array:
+        pos = self.pos_embed[...]
+        if (h, w) == (self.grid, self.grid):
+            return pos
+        grid = pos[:, 1:].reshape(1, self.grid, self.grid, -1)
+        grid = jax.image.resize(grid, (1, h, w, grid.shape[-1]), method="bicubic")
+        return jnp.concatenate([pos[:, :1], grid.reshape(1, h * w, -1)], axis=1)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The final-LayerNorm class token, shape (batch, num_features)."""
+        x = self.patch_embed(x)
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
+        x = jnp.concatenate([cls, x], axis=1) + self._pos_embed(h, w).astype(x.dtype)
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+def build_vit(cfg: ViTConfig, *, data: DataInfo, rngs: nnx.Rngs) -> VisionTransformer:
+    image_size = cfg.image_size or data.image_shape[0]
+    return VisionTransformer(cfg, image_size, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)
+
+
+@dataclass
+class ViTTiny16Config(ViTConfig):
+    """ViT-Ti/16 (timm vit_tiny_patch16_224): width 192, 3 heads; fields as :class:`ViTConfig`."""
+
+    embed_dim: int = 192
+    num_heads: int = 3
+
+
+@dataclass
+class ViTSmall16Config(ViTConfig):
+    """ViT-S/16 (timm vit_small_patch16_224): width 384, 6 heads; fields as :class:`ViTConfig`."""
+
+    embed_dim: int = 384
+    num_heads: int = 6
+
+
+@dataclass
+class ViTBase16Config(ViTConfig):
+    """ViT-B/16 (timm vit_base_patch16_224): width 768, 12 heads; fields as :class:`ViTConfig`."""
+
+    embed_dim: int = 768
+    num_heads: int = 12
+
+
+for _name, _label, _config in (("vit_ti16", "ViT-Ti/16", ViTTiny16Config), ("vit_s16", "ViT-S/16", ViTSmall16Config),
+                               ("vit_b16", "ViT-B/16", ViTBase16Config)):
+    MODELS.register(_name, config=_config, default_image_shape=(224, 224, 3),
+                    description=f"{_label} (timm vit_*_patch16_224 layout; patch_size and image_size configurable).")(
+        build_vit)
