@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from framework.errors import ConfigError
 from framework.registry import DATASETS
-from plugins.datasets.tfds_source import Plan, TFDSSource, load_or_prepare, png_bytes, short_identity
+from plugins.datasets.tfds_source import Plan, TFDSSource, labelled_array_plan, load_or_prepare, short_identity
 
 CLASS_NAMES = tuple(str(d) for d in range(10))
 VERSION = "1.0.0"
@@ -53,20 +52,9 @@ def split_digits(test_fraction: float, split_seed: int) -> dict[str, tuple[np.nd
 
 
 def digits_plan(test_fraction: float, split_seed: int) -> Plan:
-    splits = split_digits(test_fraction, split_seed)
-    train = splits["train"][0] / 255.0
-
-    def examples(name: str):
-        images, labels = splits[name]
-        return lambda: ({"image": png_bytes(x), "label": int(y)} for x, y in zip(images, labels, strict=True))
-
-    return Plan(
-        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(8, 8, 1)),
-                                             "label": tfds.features.ClassLabel(names=CLASS_NAMES)}),
-        splits={name: examples(name) for name in splits},
-        description=f"scikit-learn digits, stratified split test_fraction={test_fraction} seed={split_seed}",
-        metadata={"mean": [float(train.mean())], "std": [float(train.std())]},  # of the train split
-    )
+    return labelled_array_plan(
+        split_digits(test_fraction, split_seed), image_shape=(8, 8, 1), class_names=CLASS_NAMES,
+        description=f"scikit-learn digits, stratified split test_fraction={test_fraction} seed={split_seed}")
 
 
 @DATASETS.register("digits", config=DigitsConfig,

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from framework.errors import DataError
 from framework.registry import DATASETS
 from plugins.datasets._folder_common import fingerprint
-from plugins.datasets.tfds_source import Plan, TFDSSource, load_or_prepare, png_bytes, short_identity
+from plugins.datasets.tfds_source import Plan, TFDSSource, labelled_array_plan, load_or_prepare, short_identity
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle boot")
@@ -68,20 +67,9 @@ def fashion_mnist_plan(root: Path) -> Plan:
         if y.size and y.max() >= len(CLASS_NAMES):
             raise DataError(f"{root / labels}: label {int(y.max())} out of range (10 classes)")
         arrays[split] = (x, y)
-    train = arrays["train"][0] / 255.0 if len(arrays["train"][0]) else np.zeros(1)
-
-    def examples(name: str):
-        images, labels = arrays[name]
-        return lambda: ({"image": png_bytes(x), "label": int(y)} for x, y in zip(images, labels, strict=True))
-
-    return Plan(
-        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(28, 28, 1)),
-                                             "label": tfds.features.ClassLabel(names=CLASS_NAMES)}),
-        splits={name: examples(name) for name in FILES},
-        description=f"Fashion-MNIST from the idx files in {root}",
-        # Computed over the train split (the full set gives the usual 0.2860 / 0.3530).
-        metadata={"mean": [float(train.mean())], "std": [float(train.std())]},
-    )
+    # The train split's mean/std are recorded (the full set gives the usual 0.2860 / 0.3530).
+    return labelled_array_plan(arrays, image_shape=(28, 28, 1), class_names=CLASS_NAMES,
+                               description=f"Fashion-MNIST from the idx files in {root}")
 
 
 @DATASETS.register("fashion_mnist_local", config=FashionMNISTConfig,

@@ -442,3 +442,26 @@ def build_tfds(cfg: TFDSConfig) -> TFDSSource:
     return TFDSSource(builder, dataset=cfg.builder, used_splits=(cfg.train_split, cfg.eval_split),
                       image_key=cfg.image_key, label_key=cfg.label_key, image_size=cfg.image_size,
                       mean=list(cfg.mean) or None, std=list(cfg.std) or None, cache=cfg.cache)
+
+
+def labelled_array_plan(
+    arrays: Mapping[str, tuple[np.ndarray, np.ndarray]], *, image_shape: tuple[int, int, int],
+    class_names: Sequence[str], description: str,
+) -> Plan:
+    """A :class:`Plan` for in-memory uint8 images + integer labels per split (encoded as PNG bytes).
+
+    Records the train split's pixel mean/std (images scaled to [0, 1]) as metadata for normalization.
+    """
+    train = arrays["train"][0] / 255.0 if len(arrays.get("train", ((),))[0]) else np.zeros(1)
+
+    def examples(name: str):
+        images, labels = arrays[name]
+        return lambda: ({"image": png_bytes(x), "label": int(y)} for x, y in zip(images, labels, strict=True))
+
+    return Plan(
+        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=image_shape),
+                                             "label": tfds.features.ClassLabel(names=list(class_names))}),
+        splits={name: examples(name) for name in arrays},
+        description=description,
+        metadata={"mean": [float(train.mean())], "std": [float(train.std())]},
+    )
