@@ -1,5 +1,9 @@
 """YOLOv3 (Redmon & Farhadi 2018): the Darknet-53 backbone and the three-scale head of darknet's ``yolov3.cfg``
-(also ultralytics' ``yolov3.yaml``). Only the network: decoding and the loss belong to the detection task."""
+(also ultralytics' ``yolov3.yaml``), and the decoding of its raw outputs into boxes.
+
+The decoding lives with the network because it needs the network's anchors and strides: ``detect(x)`` is
+the detection task's model contract (boxes and class scores per candidate); the ``yolo`` objective decodes
+with :func:`decode_scale` too. The loss is the ``yolo`` objective; NMS and mAP belong to the detection task."""
 
 from __future__ import annotations
 
@@ -141,6 +145,42 @@ class YOLOv3(nnx.Module):
         route, p16 = self.head16(jnp.concatenate([_upsample2(self.lateral16(route)), c4], axis=-1))
         _, p8 = self.head8(jnp.concatenate([_upsample2(self.lateral8(route)), c3], axis=-1))
         return tuple(p.reshape(*p.shape[:3], 3, 5 + self.num_classes) for p in (p32, p16, p8))
+
+
+    def output_anchors(self) -> list[tuple[tuple[int, int], ...]]:
+        """The three (w, h) pixel anchors of each output, in output order (strides 32, 16, 8)."""
+        by_stride = {8: self.anchors[0:3], 16: self.anchors[3:6], 32: self.anchors[6:9]}
+        return [by_stride[s] for s in self.strides]
+
+    def detect(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Every anchor's decoded box and class scores: boxes (B, N, 4) normalized ``[ymin, xmin, ymax, xmax]``,
+        scores (B, N, C) = sigmoid(objectness) * sigmoid(class logit) (YOLOv3's independent class scores)."""
+        outputs = self(x)
+        image_hw = x.shape[1:3]
+        boxes, scores = [], []
+        for out, stride, anchors in zip(outputs, self.strides, self.output_anchors(), strict=True):
+            b = decode_scale(out, anchors, stride)
+            boxes.append((b / jnp.array([*image_hw, *image_hw], b.dtype)).reshape(b.shape[0], -1, 4))
+            s = jax.nn.sigmoid(out[..., 4:5].astype(jnp.float32)) * jax.nn.sigmoid(out[..., 5:].astype(jnp.float32))
+            scores.append(s.reshape(s.shape[0], -1, self.num_classes))
+        return jnp.concatenate(boxes, axis=1).astype(jnp.float32), jnp.concatenate(scores, axis=1)
+
+
+#: Largest raw width/height offset decoded (exp(6.9) ~ 1000x the anchor), against overflow early in training.
+MAX_LOG_SCALE = 6.9
+
+
+def decode_scale(out: jax.Array, anchors, stride: int) -> jax.Array:
+    """Pixel boxes ``[ymin, xmin, ymax, xmax]`` (B, H, W, 3, 4) of one output (B, H, W, 3, 5 + C):
+    centre = (cell + sigmoid(t_xy)) * stride, size = anchor * exp(t_wh) (the YOLOv3 paper's parametrization)."""
+    out = out.astype(jnp.float32)
+    h, w = out.shape[1:3]
+    cy = (jnp.arange(h, dtype=jnp.float32)[:, None, None] + jax.nn.sigmoid(out[..., 1])) * stride
+    cx = (jnp.arange(w, dtype=jnp.float32)[None, :, None] + jax.nn.sigmoid(out[..., 0])) * stride
+    anchors = jnp.asarray(anchors, jnp.float32)  # (3, 2): w, h
+    bw = anchors[:, 0] * jnp.exp(jnp.minimum(out[..., 2], MAX_LOG_SCALE))
+    bh = anchors[:, 1] * jnp.exp(jnp.minimum(out[..., 3], MAX_LOG_SCALE))
+    return jnp.stack([cy - bh / 2, cx - bw / 2, cy + bh / 2, cx + bw / 2], axis=-1)
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
