@@ -497,6 +497,35 @@ def test_voc_folder_bad_annotations_are_clear_errors(tmp_path, problem, match):
     assert not variants(tmp_path / "data", "voc_folder")  # nothing half-written
 
 
+def test_voc_folder_skips_bad_annotations_when_asked(tmp_path, caplog):
+    """on_bad_annotation=skip: a missing image drops its annotation (and its split-list entry), a box outside
+    the image or without area drops that object; each is logged with its XML file."""
+    root = tmp_path / "voc"
+    _voc_folder(root, n=6)
+    _voc_xml(root / "annotations" / "im1.xml", "im1.jpg", (40, 60), [("cat", (1, 2, 30, 20)), ("dog", (10, 5, 61, 40))])
+    _voc_xml(root / "annotations" / "im0.xml", "im0.jpg", (40, 60), [("cat", (10, 2, 10, 20))])
+    (root / "images" / "im3.jpg").unlink()
+    (root / "train.txt").write_text("im0\nim1\nim2\nim3\nim4\n")
+    (root / "test.txt").write_text("im5\n")
+    with caplog.at_level(logging.WARNING, logger="prism"):
+        source = build("voc_folder", path=str(root), train_list="train.txt", test_list="test.txt", max_boxes=2,
+                       on_bad_annotation="skip", data_dir=str(tmp_path / "data"))
+    assert source.info.splits == {"train": 4, "test": 1}
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped 3 bad annotation(s)" in message
+    for part in ("im0.xml: object 0 box", "non-positive size", "im1.xml: object 1 box", "lies outside the 60x40",
+                 "im3.xml: annotation references a missing image"):
+        assert part in message
+    raw = raw_split(source, "train")
+    by_name = {raw[i]["filename"].decode(): ex for i, ex in enumerate(examples(source.split("train")))}
+    assert sorted(by_name) == ["im0.jpg", "im1.jpg", "im2.jpg", "im4.jpg"]
+    assert by_name["im0.jpg"]["box_valid"].tolist() == [False, False]  # its only box was skipped
+    assert by_name["im1.jpg"]["box_valid"].tolist() == [True, False]
+    np.testing.assert_allclose(by_name["im1.jpg"]["boxes"][0], [2 / 40, 1 / 60, 20 / 40, 30 / 60], atol=1e-6)
+    with pytest.raises(ConfigError, match="on_bad_annotation must be 'fail' or 'skip', got 'ignore'"):
+        build("voc_folder", path=str(root), on_bad_annotation="ignore", data_dir=str(tmp_path / "data"))
+
+
 def test_voc_folder_skips_a_corrupt_image(tmp_path, caplog):
     root = tmp_path / "voc"
     _voc_folder(root)

@@ -12,6 +12,7 @@ else from a seeded ``test_fraction``. Boxes are stored normalized (``ymin, xmin,
 from __future__ import annotations
 
 import csv
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from plugins.datasets._folder_common import (
 )
 from plugins.datasets.tfds_source import Example, Plan, TFDSSource, fit_image, load_or_prepare
 
+log = logging.getLogger("prism")
+
 VERSION = "1.0.0"
 
 
@@ -49,6 +52,9 @@ class VOCFolderConfig(FolderConfig):
         name is not listed is an error.
     train_list / test_list: files (relative to ``path``) naming each split's images; empty: ``test_fraction``.
     max_boxes: boxes per example after padding; an image with more objects is an error.
+    on_bad_annotation: 'fail' (raise, naming the XML file) or 'skip' (leave it out and log it) for an
+        annotation whose image is missing and for a box outside its image or of non-positive size (the
+        object is skipped; its image is kept).
     """
 
     images: str = "images"
@@ -57,6 +63,26 @@ class VOCFolderConfig(FolderConfig):
     train_list: str = ""
     test_list: str = ""
     max_boxes: int = 32
+    on_bad_annotation: str = "fail"
+
+
+class BadAnnotations:
+    """Annotation problems: raised at once (``fail``) or collected, skipped and logged (``skip``)."""
+
+    def __init__(self, policy: str) -> None:
+        if policy not in ("fail", "skip"):
+            raise ConfigError(f"dataset.on_bad_annotation must be 'fail' or 'skip', got {policy!r}")
+        self.policy, self.messages = policy, []
+
+    def handle(self, message: str) -> None:
+        if self.policy == "fail":
+            raise DataError(f"{message} (dataset.on_bad_annotation=skip leaves such annotations out)")
+        self.messages.append(message)
+
+    def report(self) -> None:
+        if self.messages:
+            log.warning("dataset voc_folder: skipped %d bad annotation(s): %s", len(self.messages),
+                        "; ".join(self.messages))
 
 
 @dataclass
@@ -68,8 +94,8 @@ class Annotation:
     size: tuple[int, int] | None  # (height, width) stated by the XML, if any
 
 
-def parse_voc(xml: Path, image_dir: Path) -> Annotation:
-    """One VOC XML file; the image must exist."""
+def parse_voc(xml: Path, image_dir: Path, problems: BadAnnotations | None = None) -> Annotation | None:
+    """One VOC XML file; its image must exist (else ``problems`` decides: error, or None to skip it)."""
     try:
         root = ET.parse(xml).getroot()
     except ET.ParseError as exc:
@@ -77,7 +103,8 @@ def parse_voc(xml: Path, image_dir: Path) -> Annotation:
     filename = (root.findtext("filename") or "").strip() or f"{xml.stem}.jpg"
     image = image_dir / filename
     if not image.is_file():
-        raise DataError(f"{xml}: annotation references a missing image {image}")
+        (problems or BadAnnotations("fail")).handle(f"{xml}: annotation references a missing image {image}")
+        return None
     names, boxes = [], []
     for i, obj in enumerate(root.findall("object")):
         try:
@@ -90,19 +117,24 @@ def parse_voc(xml: Path, image_dir: Path) -> Annotation:
     return Annotation(xml, image, names, boxes, (height, width) if height and width else None)
 
 
-def normalized_boxes(ann: Annotation, height: int, width: int) -> list[tfds.features.BBox]:
-    """The boxes as TFDS BBoxes in [0, 1]; a box outside the image or without area is an error."""
+def normalized_boxes(ann: Annotation, height: int, width: int,
+                     problems: BadAnnotations | None = None) -> list[tuple[tfds.features.BBox, str]]:
+    """``(box, class name)`` pairs, boxes as TFDS BBoxes in [0, 1]; a box outside the image or without area is an
+    error, or skipped (``problems``)."""
+    problems = problems or BadAnnotations("fail")
     if ann.size is not None and ann.size != (height, width):
         raise DataError(f"{ann.xml}: states size {ann.size[1]}x{ann.size[0]} but {ann.image} is {width}x{height}")
     out = []
-    for i, (xmin, ymin, xmax, ymax) in enumerate(ann.boxes):
+    for i, ((xmin, ymin, xmax, ymax), name) in enumerate(zip(ann.boxes, ann.names, strict=True)):
         if xmax <= xmin or ymax <= ymin:
-            raise DataError(f"{ann.xml}: object {i} box (xmin={xmin}, ymin={ymin}, xmax={xmax}, ymax={ymax}) "
+            problems.handle(f"{ann.xml}: object {i} box (xmin={xmin}, ymin={ymin}, xmax={xmax}, ymax={ymax}) "
                             f"has non-positive size")
+            continue
         if xmin < 0 or ymin < 0 or xmax > width or ymax > height:
-            raise DataError(f"{ann.xml}: object {i} box (xmin={xmin}, ymin={ymin}, xmax={xmax}, ymax={ymax}) "
+            problems.handle(f"{ann.xml}: object {i} box (xmin={xmin}, ymin={ymin}, xmax={xmax}, ymax={ymax}) "
                             f"lies outside the {width}x{height} image {ann.image}")
-        out.append(tfds.features.BBox(ymin / height, xmin / width, ymax / height, xmax / width))
+            continue
+        out.append((tfds.features.BBox(ymin / height, xmin / width, ymax / height, xmax / width), name))
     return out
 
 
@@ -119,7 +151,9 @@ def read_list(path: Path) -> list[str]:
     return list(dict.fromkeys(names))  # unique, in order
 
 
-def _assign_splits(root: Path, cfg: VOCFolderConfig, anns: list[Annotation]) -> dict[str, list[Annotation]]:
+def _assign_splits(root: Path, cfg: VOCFolderConfig, anns: list[Annotation],
+                   skipped: set[str] = frozenset()) -> dict[str, list[Annotation]]:
+    """Split the annotations; ``skipped`` image names and stems (bad annotations left out) leave the lists too."""
     if not (cfg.train_list or cfg.test_list):
         test = random_test_mask(len(anns), test_fraction=cfg.test_fraction, test_count=0, seed=cfg.split_seed)
         return {"train": [a for a, t in zip(anns, test, strict=True) if not t],
@@ -129,7 +163,7 @@ def _assign_splits(root: Path, cfg: VOCFolderConfig, anns: list[Annotation]) -> 
     by_name = {a.image.name: a for a in anns} | {a.image.stem: a for a in anns}
     splits = {}
     for split, list_file in (("train", cfg.train_list), ("test", cfg.test_list)):
-        names = read_list(root / list_file)
+        names = [n for n in read_list(root / list_file) if n not in skipped]
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise DataError(f"{root / list_file}: {len(unknown)} image(s) without an annotation in "
@@ -138,14 +172,21 @@ def _assign_splits(root: Path, cfg: VOCFolderConfig, anns: list[Annotation]) -> 
     return splits
 
 
-def scan(root: Path, cfg: VOCFolderConfig, corrupt: CorruptImages) -> Plan:
+def scan(root: Path, cfg: VOCFolderConfig, corrupt: CorruptImages, problems: BadAnnotations | None = None) -> Plan:
     """Parse and check every annotation, assign splits, and describe the dataset to write."""
+    problems = problems or BadAnnotations(cfg.on_bad_annotation)
     image_dir = require_dir(root / cfg.images, "dataset.images")
     xml_dir = require_dir(root / cfg.annotations, "dataset.annotations")
     xmls = sorted(xml_dir.glob("*.xml"), key=natural_key)
     if not xmls:
         raise DataError(f"{xml_dir}: no VOC .xml annotation files")
-    anns = [parse_voc(x, image_dir) for x in xmls]
+    parsed = [(x, parse_voc(x, image_dir, problems)) for x in xmls]
+    anns = [a for _, a in parsed if a is not None]
+    skipped = set()
+    for x, a in parsed:
+        if a is None:
+            filename = (ET.parse(x).getroot().findtext("filename") or "").strip() or f"{x.stem}.jpg"
+            skipped.update((filename, Path(filename).stem))
     found = sorted({n for a in anns for n in a.names})
     classes = list(cfg.classes) or found
     for a in anns:
@@ -153,7 +194,7 @@ def scan(root: Path, cfg: VOCFolderConfig, corrupt: CorruptImages) -> Plan:
             if name not in classes:
                 raise DataError(f"{a.xml}: object {i} has class {name!r}, not in dataset.classes "
                                 f"({', '.join(classes)}): label out of range")
-    splits = _assign_splits(root, cfg, anns)
+    splits = _assign_splits(root, cfg, anns, skipped)
     kept: dict[str, list[tuple[Annotation, list]]] = {}
     shapes: set[tuple[int, int]] = set()
     for split, items in splits.items():
@@ -164,23 +205,23 @@ def scan(root: Path, cfg: VOCFolderConfig, corrupt: CorruptImages) -> Plan:
             except DECODE_ERRORS as exc:
                 corrupt.handle(a.image, exc)
                 continue
-            kept[split].append((a, normalized_boxes(a, *size)))
+            kept[split].append((a, normalized_boxes(a, *size, problems)))
             shapes.add(size)
 
     def examples(items: list[tuple[Annotation, list]]):
         def generate():
-            for a, boxes in items:
+            for a, objects in items:
                 try:
                     data, _ = encoded_image(a.image, cfg.channels)
                 except DECODE_ERRORS as exc:
                     corrupt.handle(a.image, exc)
                     continue
-                objects = [{"bbox": b, "label": classes.index(n)} for b, n in zip(boxes, a.names, strict=True)]
-                yield {"image": data, "objects": objects, "filename": a.image.name}
+                yield {"image": data, "objects": [{"bbox": b, "label": classes.index(n)} for b, n in objects],
+                       "filename": a.image.name}
         return generate
 
     height, width = shapes.pop() if len(shapes) == 1 else (None, None)
-    busiest = max((a for items in kept.values() for a, _ in items), key=lambda a: len(a.names), default=None)
+    busiest = max((item for items in kept.values() for item in items), key=lambda item: len(item[1]), default=None)
     return Plan(
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(height, width, cfg.channels)),
@@ -190,8 +231,8 @@ def scan(root: Path, cfg: VOCFolderConfig, corrupt: CorruptImages) -> Plan:
         }),
         splits={split: examples(items) for split, items in kept.items() if items},
         description=f"VOC detection folder {root}",
-        metadata={"max_objects": len(busiest.names) if busiest else 0,
-                  "max_objects_image": busiest.image.name if busiest else ""},
+        metadata={"max_objects": len(busiest[1]) if busiest else 0,
+                  "max_objects_image": busiest[0].image.name if busiest else ""},
     )
 
 
@@ -236,15 +277,18 @@ class DetectionSource(TFDSSource):
 def build_voc_folder(cfg: VOCFolderConfig) -> DetectionSource:
     root = check_folder_config(cfg, "voc_folder")
     corrupt = CorruptImages(cfg.on_corrupt, "voc_folder")
+    problems = BadAnnotations(cfg.on_bad_annotation)
     files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
     options = {"channels": cfg.channels, "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed,
                "on_corrupt": cfg.on_corrupt, "images": cfg.images, "annotations": cfg.annotations,
-               "classes": list(cfg.classes), "train_list": cfg.train_list, "test_list": cfg.test_list}
+               "classes": list(cfg.classes), "train_list": cfg.train_list, "test_list": cfg.test_list,
+               "on_bad_annotation": cfg.on_bad_annotation}
     identity = folder_identity(root, files, options)
     builder, prepared_now = load_or_prepare("voc_folder", identity, data_dir=cfg.data_dir, version=VERSION,
-                                            make_plan=lambda: scan(root, cfg, corrupt))
+                                            make_plan=lambda: scan(root, cfg, corrupt, problems))
     if prepared_now:
         corrupt.report()
+        problems.report()
     return DetectionSource(builder, max_boxes=cfg.max_boxes, dataset=f"voc_folder ({root})",
                            used_splits=(cfg.train_split, cfg.eval_split),
                            image_size=cfg.image_size, mean=list(cfg.mean) or None, std=list(cfg.std) or None,
