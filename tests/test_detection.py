@@ -159,3 +159,64 @@ def test_yolo_loss_equals_loop_reference():
         np.testing.assert_allclose(float(metrics[f"{name}_loss"]), terms[name], rtol=1e-5)
     assert float(metrics["positives_per_image"]) >= 3  # every valid box has at least its best anchor
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+# -- boxes through the real augmentation pipeline ---------------------------------------------------------
+def _red_extent(image: np.ndarray) -> tuple[float, float, float, float] | None:
+    """[ymin, xmin, ymax, xmax] (pixel edges) of the pixels that are mostly the red square's colour."""
+    red = (image[..., 0] > 0.6) & (image[..., 1] < 0.35) & (image[..., 2] < 0.35)
+    if not red.any():
+        return None
+    ys, xs = np.nonzero(red)
+    return ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+
+
+def test_boxes_follow_flips_crops_and_resizes_through_the_pipeline(tmp_path):
+    """Images with one red square each, read by voc_folder and augmented by the ``detection`` preset (random
+    crop + resize + flip) exactly as the train step does: the augmented box is where the red pixels are."""
+    from framework.augment import Pipeline
+    from framework.config import compose
+    from framework.train import prepare_images
+
+    root = tmp_path / "voc"
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for k in range(12):
+        image = np.full((48, 80, 3), 128, np.uint8)
+        y0, x0, bh, bw = int(rng.integers(0, 28)), int(rng.integers(0, 50)), int(rng.integers(10, 20)), int(
+            rng.integers(10, 30))
+        image[y0:y0 + bh, x0:x0 + bw] = COLOURS["red"]
+        Image.fromarray(image).save(root / "images" / f"r{k}.png")
+        (root / "annotations" / f"r{k}.xml").write_text(
+            f"<annotation><filename>r{k}.png</filename><object><name>red</name><bndbox><xmin>{x0}</xmin>"
+            f"<ymin>{y0}</ymin><xmax>{x0 + bw}</xmax><ymax>{y0 + bh}</ymax></bndbox></object></annotation>")
+    cfg = compose(["dataset=voc_folder", f"dataset.path={root}", "dataset.max_boxes=2", "dataset.test_fraction=0", "dataset.eval_split=train",
+                   f"dataset.data_dir={tmp_path / 'data'}", "augment=detection", "augment.ops.0.size=[64,64]",
+                   "augment.ops.0.scale=[0.3,1.0]"])
+    from framework.registry import DATASETS
+    source = DATASETS.build("voc_folder", DATASETS.get("voc_folder").config(
+        **{k: v for k, v in cfg.dataset.items() if k != "name"}))
+    split = source.split("train")
+    batch = {k: jnp.stack([split[i][k] for i in range(len(split))]) for k in ("image", "boxes", "box_valid", "labels")}
+    pipeline = Pipeline.from_config(cfg.augment.ops)
+    seen = {"kept": 0, "flipped_or_moved": 0, "dropped": 0}
+    for seed in range(4):
+        out = jax.device_get(jax.jit(lambda b, k: prepare_images(b, source.info, jnp.float32, pipeline, k))(
+            batch, jax.random.key(seed)))
+        assert out["image"].shape == (12, 64, 64, 3)
+        for i in range(12):
+            extent = _red_extent(out["image"][i])
+            if not out["box_valid"][i, 0]:
+                assert extent is None or (extent[2] - extent[0]) * (extent[3] - extent[1]) <= 4
+                seen["dropped"] += 1
+                continue
+            box = out["boxes"][i, 0] * 64
+            assert extent is not None
+            np.testing.assert_allclose(extent, box, atol=1.6)  # bilinear edges: within about a pixel
+            original = batch["boxes"][i, 0] * jnp.array([48, 80, 48, 80])
+            seen["kept"] += 1
+            seen["flipped_or_moved"] += int(not np.allclose(box / 64, original / jnp.array([48, 80, 48, 80]),
+                                                            atol=0.02))
+            assert not out["box_valid"][i, 1] and out["labels"][i, 0] == 0  # padding stays padding
+    assert seen["kept"] >= 30 and seen["flipped_or_moved"] >= 25
