@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from framework.errors import ConfigError
+
 Batch = dict[str, Any]
 
 
@@ -95,6 +97,9 @@ class Task(ABC):
     - ``describe()``: settings that say what the numbers are (``{"k": 200}``), written into result files.
     - ``render(batch, outputs, directory)``: pictures of predictions (boxes drawn, masks overlaid) for the
       first evaluation examples, written at the end of a run and by ``prism eval``.
+    - ``predict_outputs(model, batch)`` and ``prediction_record(outputs, image_size)``: predictions for
+      unlabelled images (``prism predict``): per-example arrays under jit from a batch holding only
+      ``image``, then one JSON-able record per image; ``render`` draws them.
     """
 
     #: Keys a batch must hold for this task.
@@ -121,3 +126,13 @@ class Task(ABC):
         plus the dataset's keys) into ``directory`` (creating it); returns the files written (none by
         default)."""
         return []
+
+    def predict_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+        """Per-example predictions of ``model`` for a global batch holding only ``image`` (runs under jit)."""
+        raise ConfigError(f"task {type(self).__name__} does not predict on unlabelled images (it defines no "
+                          f"predict_outputs)")
+
+    def prediction_record(self, outputs: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, Any]:
+        """One image's ``predict_outputs`` as JSON-able data; ``image_size`` is the input file's (height, width).
+        Default: the arrays as lists."""
+        return {name: np.asarray(value).tolist() for name, value in outputs.items()}

@@ -1,4 +1,5 @@
-"""The ``prism`` command: ``prism train`` (a Hydra app), ``prism eval``, ``prism list [KIND]``, ``prism bench``.
+"""The ``prism`` command: ``prism train`` (a Hydra app), ``prism eval``, ``prism predict``, ``prism list [KIND]``,
+``prism bench``.
 
 Errors the user can fix (:class:`framework.errors.PrismError`) are printed as one message and exit
 with status 2; Hydra's own config errors (unknown key, wrong type) keep Hydra's message, which names
@@ -22,6 +23,8 @@ COMMANDS = {
     "train": "train a model: prism train [key=value ...] [-m for a sweep] (a Hydra app; --help lists groups)",
     "eval": "evaluate a saved run: prism eval checkpoint=RUN_DIR [eval.step=best|latest|init|N] [eval.out=DIR] "
             "[task=...] [dataset=...] [key=value ...]",
+    "predict": "predict on unlabelled images with a saved run: prism predict checkpoint=RUN_DIR "
+               "input=IMAGE_OR_FOLDER [out=DIR] [step=best|latest|N] [key=value ...]",
     "list": "list registered plugins: prism list [KIND] (kinds: model, dataset, objective, task, ...)",
     "bench": "benchmark: prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]",
 }
@@ -145,6 +148,29 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+PREDICT_OPTIONS = ("checkpoint", "input", "out", "step")
+
+
+def cmd_predict(args: list[str]) -> int:
+    """``prism predict``: a saved run's predictions on image files, drawn and written as JSON."""
+    import json
+
+    from framework.plugins import load_plugins
+    from framework.predict import predict_run
+
+    options = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in PREDICT_OPTIONS}
+    overrides = [a for a in args if a.split("=", 1)[0] not in PREDICT_OPTIONS]
+    missing = [k for k in ("checkpoint", "input") if k not in options]
+    if missing:
+        return _fail(f"prism predict needs {' and '.join(f'{k}=...' for k in missing)}\n{COMMANDS['predict']}")
+    load_plugins()
+    check_group_choices(overrides)
+    result = predict_run(options["checkpoint"], options["input"], overrides, step=options.get("step", "best"),
+                         out_dir=options.get("out"))
+    print(json.dumps({k: result[k] for k in ("images", "step", "out_dir")}))
+    return 0
+
+
 def cmd_list(args: list[str]) -> int:
     import warnings
 
@@ -192,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prism {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "bench": cmd_bench}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list, "bench": cmd_bench}
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
         hint = f" Did you mean: {close[0]}?" if close else ""

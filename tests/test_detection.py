@@ -191,9 +191,9 @@ def test_boxes_follow_flips_crops_and_resizes_through_the_pipeline(tmp_path):
         (root / "annotations" / f"r{k}.xml").write_text(
             f"<annotation><filename>r{k}.png</filename><object><name>red</name><bndbox><xmin>{x0}</xmin>"
             f"<ymin>{y0}</ymin><xmax>{x0 + bw}</xmax><ymax>{y0 + bh}</ymax></bndbox></object></annotation>")
-    cfg = compose(["dataset=voc_folder", f"dataset.path={root}", "dataset.max_boxes=2", "dataset.test_fraction=0", "dataset.eval_split=train",
-                   f"dataset.data_dir={tmp_path / 'data'}", "augment=detection", "augment.ops.0.size=[64,64]",
-                   "augment.ops.0.scale=[0.3,1.0]"])
+    cfg = compose(["dataset=voc_folder", f"dataset.path={root}", "dataset.max_boxes=2", "dataset.test_fraction=0",
+                   "dataset.eval_split=train", f"dataset.data_dir={tmp_path / 'data'}",
+                   "augment=detection", "augment.ops.0.size=[64,64]", "augment.ops.0.scale=[0.3,1.0]"])
     from framework.registry import DATASETS
     source = DATASETS.build("voc_folder", DATASETS.get("voc_folder").config(
         **{k: v for k, v in cfg.dataset.items() if k != "name"}))
@@ -220,3 +220,92 @@ def test_boxes_follow_flips_crops_and_resizes_through_the_pipeline(tmp_path):
                                                             atol=0.02))
             assert not out["box_valid"][i, 1] and out["labels"][i, 0] == 0  # padding stays padding
     assert seen["kept"] >= 30 and seen["flipped_or_moved"] >= 25
+
+
+# -- training, prism eval and prism predict on a saved run ----------------------------------------------
+RUN_OVERRIDES = ["model=yolov3", *(f"model.{k}={v}".replace(" ", "") for k, v in TINY_YOLO.items()),
+                 "dataset=voc_folder", "dataset.max_boxes=4", "dataset.test_fraction=0.25", "objective=yolo",
+                 "task=detection", "augment=none", "train.steps=40", "train.batch_size=12", "train.eval_every=40",
+                 "train.log_every=10", "optimizer.lr=1e-2", "checkpoint.best_metric=eval/map50",
+                 "checkpoint.async_save=false", "logging.progress=false", "logging.render=4"]
+
+
+@pytest.fixture(scope="module")
+def detection_run(tmp_path_factory):
+    """A tiny YOLOv3 trained for 40 steps on 36 synthetic images (12 held out) of red and blue rectangles."""
+    from framework.config import compose
+    from framework.train import Trainer
+
+    base = tmp_path_factory.mktemp("detection")
+    voc = synthetic_voc(base / "voc", 48)
+    cfg = compose([*RUN_OVERRIDES, f"dataset.path={voc}", f"dataset.data_dir={base / 'data'}"])
+    run_dir = base / "run"
+    return run_dir, Trainer(cfg, run_dir).fit(), voc
+
+
+def test_detection_run_learns_and_draws_its_predictions(detection_run, tmp_path):
+    from framework.evaluate import evaluate_run
+
+    run_dir, result, _ = detection_run
+    assert result["status"] == "completed"
+    metrics = result["metrics"]
+    assert set(metrics) >= {"eval/map", "eval/map50", "eval/map75", "eval/detections_per_image"}
+    untrained = evaluate_run(run_dir, step="init", out_dir=tmp_path / "init")["metrics"]
+    assert metrics["eval/map50"] > max(0.05, 3 * untrained["eval/map50"]), (metrics, untrained)
+    assert metrics["eval/map"] <= metrics["eval/map50"]
+    pictures = sorted((run_dir / "predictions").glob("*.png"))
+    assert len(pictures) == 4
+    drawn = np.asarray(Image.open(pictures[0]))
+    assert drawn.shape == (64, 64, 3) and (drawn == (0, 220, 0)).all(-1).sum() >= 20  # green ground-truth outlines
+
+
+def test_prism_eval_of_a_detection_run_equals_its_final_metrics(detection_run, tmp_path):
+    from framework.evaluate import evaluate_run
+
+    run_dir, result, _ = detection_run
+    offline = evaluate_run(run_dir, step="latest", out_dir=tmp_path / "eval")
+    assert offline["task"] == "detection" and offline["task_settings"]["max_detections"] == 100
+    for name, value in result["metrics"].items():
+        assert offline["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    assert len(list((tmp_path / "eval" / "predictions").glob("*.png"))) == 4
+
+
+def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, tmp_path):
+    import json
+
+    from tests.conftest import REPO, run_prism
+
+    run_dir, _, voc = detection_run
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("s0.png", "s1.png"):
+        (inputs / name).write_bytes((voc / "images" / name).read_bytes())
+    big = Image.open(voc / "images" / "s2.png").resize((128, 96))  # another size: boxes come back in its pixels
+    big.save(inputs / "s2_big.jpg")
+    out = tmp_path / "out"
+    proc = run_prism("predict", f"checkpoint={run_dir}", f"input={inputs}", f"out={out}", "step=latest",
+                     "task.score_threshold=0.05", cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == 3
+    written = json.loads((out / "predictions.json").read_text())
+    assert written["task"] == "detection" and written["step"] == 40
+    assert [Path(r["file"]).name for r in written["images"]] == ["s0.png", "s1.png", "s2_big.jpg"]
+    by_name = {Path(r["file"]).name: r for r in written["images"]}
+    assert (by_name["s2_big.jpg"]["height"], by_name["s2_big.jpg"]["width"]) == (96, 128)
+    for record in written["images"]:
+        for det in record["detections"]:
+            x0, y0, x1, y1 = det["box_xyxy"]
+            assert 0 <= x0 <= x1 <= record["width"] and 0 <= y0 <= y1 <= record["height"]
+            assert det["score"] >= 0.05 and det["class"] in ("blue", "red")
+    assert sum(len(r["detections"]) for r in written["images"]) > 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["s0.png", "s1.png", "s2_big.png"]
+
+
+def test_prism_predict_errors_are_clear(detection_run, tmp_path):
+    from tests.conftest import REPO, run_prism
+
+    run_dir, _, _ = detection_run
+    proc = run_prism("predict", f"checkpoint={run_dir}", cwd=REPO)
+    assert proc.returncode == 2 and "prism predict needs input=..." in proc.stderr
+    proc = run_prism("predict", f"checkpoint={run_dir}", f"input={tmp_path / 'nothing'}", cwd=REPO)
+    assert proc.returncode == 2 and "no such image file or folder" in proc.stderr

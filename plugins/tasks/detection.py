@@ -84,6 +84,12 @@ class Detection(Task):
                 "gt_labels": batch["labels"]}
 
     # -- on the host --------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What the mAP numbers are: COCO protocol and the NMS that produced the detections."""
+        return {"protocol": "COCO bbox, IoU 0.50:0.05:0.95, 101-point interpolation, area all",
+                "max_detections": self.cfg.max_detections, "score_threshold": self.cfg.score_threshold,
+                "nms_iou_threshold": self.cfg.iou_threshold, "top_k": self.cfg.top_k}
+
     def summarize(self, outputs: Mapping[str, np.ndarray], reference: Any = None) -> dict[str, float]:
         detections = [Detections(b[v], c[v], s[v]) for b, s, c, v in zip(
             outputs["pred_boxes"], outputs["pred_scores"], outputs["pred_classes"], outputs["pred_valid"],

@@ -1,0 +1,108 @@
+"""Predictions of a saved run on unlabelled images: ``prism predict checkpoint=RUN_DIR input=IMAGE_OR_FOLDER``.
+
+The run is rebuilt with :func:`framework.evaluate.load_run` (its config and checkpoint); each image is read
+with PIL, converted to the run's channels and resized (bilinear) to its input size, as the datasets do,
+and goes through the run's normalization and the task's ``predict_outputs`` under jit, batched like an
+evaluation. The task draws the predictions (``render``: one PNG per image, at the model's input size) and
+describes each image's predictions for ``predictions.json`` (``prediction_record``; detection: boxes in the
+file's own pixels, scores, classes). Everything goes to ``out`` (default ``RUN_DIR/predict/<time>/``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from framework import parallel
+from framework.data import VALID_KEY, eval_batches
+from framework.errors import DataError
+from framework.evaluate import load_run
+from framework.train import Trainer, _cast_floats, prepare_images
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+PREDICTIONS_FILE = "predictions.json"
+
+
+def image_paths(source: str | Path) -> list[Path]:
+    """``source`` itself if it is a file, else the images in the folder (any depth, sorted)."""
+    source = Path(source).expanduser()
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise DataError(f"input={source}: no such image file or folder")
+    paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"input={source}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def read_image(path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(uint8 (H, W, C) resized to shape, original (height, width))``; an unreadable file is a DataError."""
+    height, width, channels = shape
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            size = (im.height, im.width)
+            resized = im.resize((width, height), Image.Resampling.BILINEAR) if size != (height, width) else im
+            return np.asarray(resized, np.uint8).reshape(height, width, channels), size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"input image {path} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def _predict_step(trainer: Trainer):
+    """jit: (state, batch of uint8 images) -> the task's predict_outputs, with the evaluation weights."""
+    graphdef, info, dtype, task = trainer.eval_graphdef, trainer.info, trainer.compute_dtype, trainer.task
+
+    def step(state, batch):
+        params = state.ema_params if state.ema_params is not None else state.params
+        params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
+        system = nnx.merge(graphdef, params, state.rest, copy=True)
+        outputs = task.predict_outputs(system.model, prepare_images(batch, info, dtype))
+        return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in outputs.items()}
+
+    return jax.jit(step, out_shardings=parallel.batch_sharding(trainer.mesh))
+
+
+def predict_run(run_dir: str | Path, source: str | Path, overrides: Sequence[str] = (), step: str | int = "best",
+                out_dir: str | Path | None = None) -> dict:
+    """Predict on the images at ``source`` with the run in ``run_dir``; writes PNGs and ``predictions.json``."""
+    run_dir = Path(run_dir)
+    paths = image_paths(source)
+    out_dir = Path(out_dir) if out_dir else run_dir / "predict" / time.strftime("%Y%m%d-%H%M%S")
+    trainer, restored = load_run(run_dir, overrides, step, out_dir)
+    shape = tuple(trainer.info.image_shape)
+    images, sizes = zip(*(read_image(p, shape) for p in paths), strict=True)
+    predict = _predict_step(trainer)
+    collected: dict[str, list[np.ndarray]] = {}
+    for host_batch in eval_batches([{"image": im} for im in images], global_batch=trainer.eval_batch_size,
+                                   host=trainer.eval_host):
+        valid = host_batch.pop(VALID_KEY)
+        outputs = predict(trainer.state, parallel.global_batch(trainer.mesh, host_batch))
+        if jax.process_count() > 1:
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
+            valid = multihost_utils.process_allgather(valid, tiled=True)
+        for name, value in outputs.items():
+            collected.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
+    outputs = {name: np.concatenate(parts) for name, parts in collected.items()}
+    records, pictures = [], []
+    if trainer.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = np.array([p.name for p in paths])
+        pictures = trainer.task.render({"image": np.stack(images), "filename": names}, outputs, out_dir)
+        for i, (path, size) in enumerate(zip(paths, sizes, strict=True)):
+            record = trainer.task.prediction_record({k: v[i] for k, v in outputs.items()}, size)
+            records.append({"file": str(path), "height": size[0], "width": size[1], **record})
+        result = {"checkpoint": str(run_dir.absolute()), "step": restored if restored is not None else "init",
+                  "task": trainer.cfg.task.name, "task_settings": trainer.task.describe(),
+                  "overrides": list(overrides), "images": records, "pictures": [str(p) for p in pictures]}
+        (out_dir / PREDICTIONS_FILE).write_text(json.dumps(result, indent=2))
+    return {"out_dir": str(out_dir), "images": len(paths), "step": restored, "pictures": [str(p) for p in pictures]}
