@@ -161,6 +161,24 @@ def test_yolo_loss_equals_loop_reference():
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+def test_a_model_or_dataset_that_does_not_fit_is_a_clear_error():
+    from framework.errors import ConfigError
+    from framework.registry import TASKS
+
+    info = DataInfo(num_classes=2, image_shape=(8, 8, 1))
+    cnn = nnx.eval_shape(lambda: MODELS.build("simple_cnn", None, data=info, rngs=nnx.Rngs(0)))
+    with pytest.raises(ConfigError, match="objective 'yolo' needs a YOLO-layout model .* SimpleCNN"):
+        OBJECTIVES.build("yolo", None, model=cnn, data=info, rngs=nnx.Rngs(0))
+    task = TASKS.build("detection", None, data=info)
+    classification_batch = {"image": jnp.zeros((2, 8, 8, 1)), "label": jnp.zeros(2, jnp.int32)}
+    with pytest.raises(ConfigError, match=r"missing \['boxes', 'box_valid', 'labels'\]\): use a detection dataset"):
+        task.eval_outputs(cnn, classification_batch)
+    detection_batch = {**classification_batch, "boxes": jnp.zeros((2, 3, 4)), "box_valid": jnp.zeros((2, 3), bool),
+                       "labels": jnp.zeros((2, 3), jnp.int32)}
+    with pytest.raises(ConfigError, match="needs a detection model with detect.*SimpleCNN has none"):
+        task.eval_outputs(cnn, detection_batch)
+
+
 # -- boxes through the real augmentation pipeline ---------------------------------------------------------
 def _red_extent(image: np.ndarray) -> tuple[float, float, float, float] | None:
     """[ymin, xmin, ymax, xmax] (pixel edges) of the pixels that are mostly the red square's colour."""
