@@ -16,6 +16,7 @@ from PIL import Image
 
 from framework.api import DataInfo
 from framework.registry import MODELS, OBJECTIVES
+from plugins.models.yolov3 import YOLOv3
 
 TINY_YOLO = {"width": 4, "blocks": [1, 1, 1, 1, 1],
              "anchors": [6, 6, 10, 14, 14, 10, 14, 24, 24, 14, 20, 20, 30, 20, 20, 30, 32, 32]}
@@ -76,7 +77,7 @@ def _reference_yolo_loss(outputs, strides, anchors, boxes, valid, labels, image_
     """The YOLOv3 loss as the module docstring states it, one ground truth / anchor / cell at a time."""
     h, w = image_hw
     batch = boxes.shape[0]
-    totals = {"box": 0.0, "obj": 0.0, "cls": 0.0}
+    totals = {"box": 0.0, "obj": 0.0, "cls": 0.0, "ignored": 0}
     for out, stride in zip(outputs, strides, strict=True):
         scale = {8: 0, 16: 1, 32: 2}[stride]
         hs, ws = out.shape[1:3]
@@ -119,6 +120,7 @@ def _reference_yolo_loss(outputs, strides, anchors, boxes, valid, labels, image_
         for b, i, j, a in np.ndindex(*out.shape[:4]):
             ignored = target[b, i, j, a] == 0 and any(_iou(decode(b, i, j, a), gt) > ignore_threshold
                                                       for gt in gts[b])
+            totals["ignored"] += ignored
             obj_sum += 0.0 if ignored else _bce(out[b, i, j, a, 4], target[b, i, j, a])
         totals["box"] += box_sum / max(n_pos, 1)
         totals["cls"] += cls_sum / max(n_pos, 1)
@@ -127,14 +129,33 @@ def _reference_yolo_loss(outputs, strides, anchors, boxes, valid, labels, image_
     return loss, totals
 
 
+class _FixedOutputs(nnx.Module):
+    """Stands in for the network in the loss test: YOLOv3's output layout, anchors and strides, with the
+    output maps themselves as trainable parameters (the loss is under test, not the network; the real
+    yolov3 + yolo pair is trained below)."""
+
+    strides = (32, 16, 8)
+    output_anchors = YOLOv3.output_anchors
+
+    def __init__(self, outputs, anchors, num_classes: int) -> None:
+        self.maps = nnx.List([nnx.Param(jnp.asarray(o, jnp.float32)) for o in outputs])
+        self.anchors = tuple(tuple(anchors[i:i + 2]) for i in range(0, 18, 2))
+        self.num_classes = num_classes
+
+    def __call__(self, images):
+        return tuple(m[...] for m in self.maps)
+
+
 def test_yolo_loss_equals_loop_reference():
-    info = DataInfo(num_classes=4, image_shape=(64, 64, 3))  # the shapes test_models compiles
-    entry = MODELS.get("yolov3")
-    model = MODELS.build("yolov3", entry.config(**TINY_YOLO), data=info, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    shapes = [(2, 2, 2, 3, 8), (2, 4, 4, 3, 8), (2, 8, 8, 3, 8)]  # 64x64 inputs, 3 classes
+    raw = [np.concatenate([rng.normal(0, 1.5, s[:-1] + (2,)), rng.normal(0, 0.7, s[:-1] + (2,)),
+                           rng.normal(-1, 2, s[:-1] + (4,))], -1) for s in shapes]
+    info = DataInfo(num_classes=3, image_shape=(64, 64, 3))
+    model = _FixedOutputs(raw, TINY_YOLO["anchors"], 3)
     cfg = OBJECTIVES.get("yolo").config(anchor_threshold=0.3, ignore_threshold=0.4)
     objective = OBJECTIVES.build("yolo", cfg, model=model, data=info, rngs=nnx.Rngs(1))
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.uniform(0, 1, (2, 64, 64, 3)), jnp.float32)
+    images = jnp.zeros((2, 64, 64, 3), jnp.float32)
     boxes = np.array([[[0.1, 0.1, 0.5, 0.3], [0.2, 0.5, 0.9, 0.95], [0.6, 0.05, 0.7, 0.2], [0, 0, 0, 0]],
                       [[0.0, 0.0, 1.0, 1.0], [0.4, 0.4, 0.45, 0.47], [0.3, 0.3, 0.8, 0.6], [0.5, 0.5, 0.9, 0.9]]],
                      np.float32)
@@ -143,22 +164,19 @@ def test_yolo_loss_equals_loop_reference():
     batch = {"image": images, "boxes": jnp.asarray(boxes), "box_valid": jnp.asarray(valid),
              "labels": jnp.asarray(labels)}
 
-    @nnx.jit
-    def run(model, objective, batch):  # one compiled program (eager NNX would compile op by op)
-        (loss, metrics), grads = nnx.value_and_grad(lambda m: objective(m, batch, jax.random.key(0)),
-                                                    has_aux=True)(model)
-        return loss, metrics, grads, model(batch["image"])  # train mode: the same batch statistics
-
-    loss, metrics, grads, outputs = run(model, objective, batch)
-    outputs = [np.asarray(o, np.float64) for o in outputs]
-    ref, terms = _reference_yolo_loss(outputs, model.strides, model.anchors, boxes, valid, labels, (64, 64), 4,
+    loss_and_grad = nnx.jit(nnx.value_and_grad(lambda m: objective(m, batch, jax.random.key(0)), has_aux=True))
+    (loss, metrics), grads = loss_and_grad(model)
+    outputs = [np.asarray(o, np.float64) for o in model(images)]
+    ref, terms = _reference_yolo_loss(outputs, model.strides, model.anchors, boxes, valid, labels, (64, 64), 3,
                                       balance=cfg.balance, anchor_threshold=0.3, ignore_threshold=0.4,
                                       weights=(cfg.box_weight, cfg.obj_weight, cfg.cls_weight))
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
     for name in ("box", "obj", "cls"):
         np.testing.assert_allclose(float(metrics[f"{name}_loss"]), terms[name], rtol=1e-5)
     assert float(metrics["positives_per_image"]) >= 3  # every valid box has at least its best anchor
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert terms["ignored"] > 0  # the ignore rule was exercised
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves) and any(bool((g != 0).any()) for g in leaves)
 
 
 def test_a_model_or_dataset_that_does_not_fit_is_a_clear_error():
@@ -261,15 +279,13 @@ def detection_run(tmp_path_factory):
     return run_dir, Trainer(cfg, run_dir).fit(), voc
 
 
-def test_detection_run_learns_and_draws_its_predictions(detection_run, tmp_path):
-    from framework.evaluate import evaluate_run
-
+def test_detection_run_learns_and_draws_its_predictions(detection_run):
     run_dir, result, _ = detection_run
     assert result["status"] == "completed"
     metrics = result["metrics"]
     assert set(metrics) >= {"eval/map", "eval/map50", "eval/map75", "eval/detections_per_image"}
-    untrained = evaluate_run(run_dir, step="init", out_dir=tmp_path / "init")["metrics"]
-    assert metrics["eval/map50"] > max(0.05, 3 * untrained["eval/map50"]), (metrics, untrained)
+    # untrained (prism eval eval.step=init) this network scores mAP@.5 ~0.009 here; 40 steps reach ~0.17
+    assert metrics["eval/map50"] > 0.08, metrics
     assert metrics["eval/map"] <= metrics["eval/map50"]
     pictures = sorted((run_dir / "predictions").glob("*.png"))
     assert len(pictures) == 4
@@ -288,10 +304,11 @@ def test_prism_eval_of_a_detection_run_equals_its_final_metrics(detection_run, t
     assert len(list((tmp_path / "eval" / "predictions").glob("*.png"))) == 4
 
 
-def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, tmp_path):
+def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, tmp_path, capsys):
+    """Through the CLI entry point (in-process: the run's programs are compiled already)."""
     import json
 
-    from tests.conftest import REPO, run_prism
+    from framework.cli import main
 
     run_dir, _, voc = detection_run
     inputs = tmp_path / "inputs"
@@ -301,10 +318,9 @@ def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, 
     big = Image.open(voc / "images" / "s2.png").resize((128, 96))  # another size: boxes come back in its pixels
     big.save(inputs / "s2_big.jpg")
     out = tmp_path / "out"
-    proc = run_prism("predict", f"checkpoint={run_dir}", f"input={inputs}", f"out={out}", "step=latest",
-                     "task.score_threshold=0.05", cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == 3
+    assert main(["predict", f"checkpoint={run_dir}", f"input={inputs}", f"out={out}", "step=latest",
+                 "task.score_threshold=0.05"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 3
     written = json.loads((out / "predictions.json").read_text())
     assert written["task"] == "detection" and written["step"] == 40
     assert [Path(r["file"]).name for r in written["images"]] == ["s0.png", "s1.png", "s2_big.jpg"]
@@ -319,11 +335,16 @@ def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, 
     assert sorted(p.name for p in out.glob("*.png")) == ["s0.png", "s1.png", "s2_big.png"]
 
 
-def test_prism_predict_errors_are_clear(detection_run, tmp_path):
-    from tests.conftest import REPO, run_prism
+def test_prism_predict_errors_are_clear(tmp_path, capsys):
+    from framework.cli import main
 
-    run_dir, _, _ = detection_run
-    proc = run_prism("predict", f"checkpoint={run_dir}", cwd=REPO)
-    assert proc.returncode == 2 and "prism predict needs input=..." in proc.stderr
-    proc = run_prism("predict", f"checkpoint={run_dir}", f"input={tmp_path / 'nothing'}", cwd=REPO)
-    assert proc.returncode == 2 and "no such image file or folder" in proc.stderr
+    assert main(["predict", f"checkpoint={tmp_path}"]) == 2
+    assert "prism predict needs input=..." in capsys.readouterr().err
+    assert main(["predict", f"checkpoint={tmp_path}", f"input={tmp_path / 'nothing'}"]) == 2
+    assert "input=" in (err := capsys.readouterr().err) and "no such image file or folder" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", f"checkpoint={tmp_path}", f"input={tmp_path / 'empty'}"]) == 2
+    assert "the folder holds no images" in capsys.readouterr().err
+    (tmp_path / "photo.png").write_bytes(b"not a png")
+    assert main(["predict", f"checkpoint={tmp_path}", f"input={tmp_path / 'photo.png'}"]) == 2
+    assert "no checkpoints in" in capsys.readouterr().err  # the run is checked before images are decoded
