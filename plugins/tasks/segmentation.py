@@ -100,6 +100,10 @@ class Segmentation(Task):
         metrics["loss"] = float(np.sum(outputs["ce_sum"], dtype=np.float64) / pixels) if pixels else float("nan")
         return metrics
 
+    def describe(self) -> dict[str, object]:
+        return {"classes": list(self.class_names), "ignored_labels": f"outside [0, {self.num_classes})",
+                "summary": "exact over the split (summed confusion counts)"}
+
     def render(self, batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], directory: Path
                ) -> list[Path]:
         """One PNG per example: the image with the predicted classes overlaid (left) beside the image with
