@@ -125,6 +125,10 @@ def test_losses_match_numpy():
     loss, metrics = _objective(loss="ce")(model, batch, key)
     np.testing.assert_allclose(loss, ce, rtol=1e-5)
     np.testing.assert_allclose(metrics["pixel_accuracy"], np.mean(logits.argmax(-1)[valid] == labels[valid]), rtol=1e-6)
+    # A mask larger than the logits (valid-padding U-Net): its centre is the target.
+    framed = np.pad(labels, ((0, 0), (2, 2), (3, 3)), constant_values=1)
+    framed_batch = {"image": jnp.zeros((7, 13, 17, 1)), "mask": jnp.asarray(framed)}
+    np.testing.assert_allclose(_objective(loss="ce")(model, framed_batch, key)[0], ce, rtol=1e-5)
     np.testing.assert_allclose(_objective(loss="ce", class_weights=list(weights))(model, batch, key)[0], weighted_ce,
                                rtol=1e-5)
     np.testing.assert_allclose(_objective(loss="dice")(model, batch, key)[0], dice, rtol=1e-5)
