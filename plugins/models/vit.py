@@ -72,12 +72,27 @@ class Attention(nnx.Module):
         scale = 1.0 / math.sqrt(d // self.heads)
         dropout_active = self.attn_drop.rate > 0 and not self.attn_drop.deterministic
         if _use_cudnn_attention(q, dropout_active):
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            out = _cudnn_attention(q, k, v, scale)
         else:
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", self.attn_drop(weights), v)
         return self.proj_drop(self.proj(out.reshape(b, n, d)))
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """cuDNN flash attention over (batch, tokens, heads, dim); cuDNN trains only on token counts that are a
+    multiple of its tile, so 197 tokens are padded to 200 and the padding is masked out by sequence length."""
+    b, n = q.shape[:2]
+    pad = (-n) % 8
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    lengths = jnp.full((b,), n, jnp.int32)
+    out = jax.nn.dot_product_attention(*(jnp.pad(t, widths) for t in (q, k, v)), scale=scale,
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       implementation="cudnn")
+    return out[:, :n]
 
 
 def _use_cudnn_attention(q: jax.Array, dropout_active: bool) -> bool:
