@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 CATEGORIES = (("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop")),
-              ("matmul", ("gemm", "cublas", "cutlass", "matmul", "triton_gemm")),
+              ("matmul", ("gemm", "cublas", "cutlass", "matmul", "triton_gemm", "nvjet")),
               ("collective", ("nccl", "all-reduce", "all_reduce", "reduce-scatter", "all-gather")),
               ("copy/transpose", ("copy", "transpose", "memcpy", "memset")),
               ("fusion", ("fusion", "loop_", "input_", "reduce", "triton")))

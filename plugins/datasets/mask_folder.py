@@ -9,6 +9,7 @@ The test split holds ``test_count`` random pairs (or ``test_fraction`` of them),
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from plugins.datasets._folder_common import (
 from plugins.datasets.tfds_source import Example, Plan, TFDSSource, fit_image, fit_mask, load_or_prepare, png_bytes
 
 VERSION = "1.0.0"
+log = logging.getLogger("prism")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class MaskFolderConfig(FolderConfig):
     mask_values: pixel value of each class, in class order (e.g. [0, 128, 255]); empty: two classes,
         pixel >= mask_threshold is class 1.
     test_count: hold out this many random pairs as ``test`` (0: use test_fraction).
+    on_size_mismatch: a mask whose size differs from its image's: 'fail' (error naming both files) or
+        'skip' (leave the pair out and log its files).
     """
 
     images: str = "image"
@@ -55,6 +59,7 @@ class MaskFolderConfig(FolderConfig):
     mask_threshold: int = 128
     mask_values: list[int] = field(default_factory=list)
     test_count: int = 0
+    on_size_mismatch: str = "fail"
 
 
 def _check(cfg: MaskFolderConfig) -> None:
@@ -66,6 +71,8 @@ def _check(cfg: MaskFolderConfig) -> None:
                           f"class); mask_threshold only makes two classes")
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"dataset.class_names has {len(cfg.class_names)} names for {cfg.num_classes} classes")
+    if cfg.on_size_mismatch not in ("fail", "skip"):
+        raise ConfigError(f"dataset.on_size_mismatch must be 'fail' or 'skip', got {cfg.on_size_mismatch!r}")
     if cfg.test_count < 0:
         raise ConfigError(f"dataset.test_count must be >= 0, got {cfg.test_count}")
 
@@ -110,8 +117,12 @@ def scan(root: Path, cfg: MaskFolderConfig, corrupt: CorruptImages) -> Plan:
             corrupt.handle(image, exc)
             continue
         if image_size != mask_size:
-            raise DataError(f"mask {mask} is {mask_size[1]}x{mask_size[0]} but its image {image} is "
-                            f"{image_size[1]}x{image_size[0]}")
+            problem = (f"mask {mask} is {mask_size[1]}x{mask_size[0]} but its image {image} is "
+                       f"{image_size[1]}x{image_size[0]}")
+            if cfg.on_size_mismatch == "fail":
+                raise DataError(f"{problem}; fix the pair or set dataset.on_size_mismatch=skip")
+            log.warning("dataset mask_folder: skipped a pair: %s", problem)
+            continue
         pairs.append((image, mask))
         shapes.add(image_size)
     test = random_test_mask(len(pairs), test_fraction=cfg.test_fraction, test_count=cfg.test_count,
@@ -179,7 +190,8 @@ def build_mask_folder(cfg: MaskFolderConfig) -> SegmentationSource:
     options = {"channels": cfg.channels, "test_fraction": cfg.test_fraction, "test_count": cfg.test_count,
                "split_seed": cfg.split_seed, "on_corrupt": cfg.on_corrupt, "images": cfg.images, "masks": cfg.masks,
                "num_classes": cfg.num_classes, "class_names": list(cfg.class_names),
-               "mask_threshold": cfg.mask_threshold, "mask_values": list(cfg.mask_values)}
+               "mask_threshold": cfg.mask_threshold, "mask_values": list(cfg.mask_values),
+               "on_size_mismatch": cfg.on_size_mismatch}
     identity = folder_identity(root, files, options)
     builder, prepared_now = load_or_prepare("mask_folder", identity, data_dir=cfg.data_dir, version=VERSION,
                                             make_plan=lambda: scan(root, cfg, corrupt))
