@@ -195,6 +195,8 @@ def test_a_model_or_dataset_that_does_not_fit_is_a_clear_error():
                        "labels": jnp.zeros((2, 3), jnp.int32)}
     with pytest.raises(ConfigError, match="needs a detection model with detect.*SimpleCNN has none"):
         task.eval_outputs(cnn, detection_batch)
+    with pytest.raises(ConfigError, match="does not predict on unlabelled images"):  # the Task default
+        TASKS.build("classification", None, data=info).predict_outputs(cnn, classification_batch)
 
 
 # -- boxes through the real augmentation pipeline ---------------------------------------------------------
@@ -293,15 +295,20 @@ def test_detection_run_learns_and_draws_its_predictions(detection_run):
     assert drawn.shape == (64, 64, 3) and (drawn == (0, 220, 0)).all(-1).sum() >= 20  # green ground-truth outlines
 
 
-def test_prism_eval_of_a_detection_run_equals_its_final_metrics(detection_run, tmp_path):
-    from framework.evaluate import evaluate_run
+def test_prism_eval_of_a_detection_run_equals_its_final_metrics(detection_run, tmp_path, capsys):
+    import json
+
+    from framework.cli import main
 
     run_dir, result, _ = detection_run
-    offline = evaluate_run(run_dir, step="latest", out_dir=tmp_path / "eval")
+    out = tmp_path / "eval"
+    assert main(["eval", "task=detection", f"checkpoint={run_dir}", "eval.step=latest", f"eval.out={out}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 40
+    offline = json.loads((out / "result.json").read_text())
     assert offline["task"] == "detection" and offline["task_settings"]["max_detections"] == 100
     for name, value in result["metrics"].items():
         assert offline["metrics"][name] == pytest.approx(value, abs=1e-6), name
-    assert len(list((tmp_path / "eval" / "predictions").glob("*.png"))) == 4
+    assert len(list((out / "predictions").glob("*.png"))) == 4
 
 
 def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, tmp_path, capsys):
