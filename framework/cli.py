@@ -145,7 +145,7 @@ def cmd_train(args: list[str]) -> int:
     try:
         app()
     except SystemExit as exc:  # a single run's clean error, or Hydra reporting a launcher/sweeper error
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = saved_argv
     if SweepTracker.current is not None:  # a sweep ran: whatever the launcher, its directory tells

@@ -166,16 +166,23 @@ def job_table(report: Report) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
-def seed_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+def seed_table(report: Report, combined: bool = True) -> tuple[list[str], list[list[Any]]]:
+    """Mean and sample std over seeds per setting: as ``mean ± std`` text (``combined``) or two numeric columns."""
     params = [k for k in report.swept if k != SEED_KEY]
     names = [report.metric, *(n for n in report.eval_names if n != report.metric)]
-    header = [*params, "seeds", *(f"{n} mean ± std" for n in names)]
+    stats = [f"{n} mean ± std" for n in names] if combined else [f"{n} {s}" for n in names for s in ("mean", "std")]
+    header = [*params, "seeds", *stats]
     rows = []
     for g in report.seed_groups:
-        cells = []
+        cells: list[Any] = []
         for n in names:
             mean, std = g.get(n, (None, None))
-            cells.append("" if mean is None else f"{mean:.4g} ± {std:.2g}" if std is not None else f"{mean:.4g}")
+            if not combined:
+                cells += [mean, std]
+            elif mean is not None:
+                cells.append(f"{mean:.4g} ± {std:.2g}" if std is not None else f"{mean:.4g}")
+            else:
+                cells.append("")
         rows.append([*(g["params"][k] for k in params), g["n"], *cells])
     return header, rows
 
@@ -197,11 +204,11 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def _axis_values(values: list[str]) -> tuple[list[float], list[str] | None, bool]:
-    """x positions for override values: numbers as they are (log scale when positive over > 10x), else
+    """x positions for override values: numbers as they are (log scale when positive over >= 10x), else
     categories in order of appearance."""
     numbers = [_number(v) for v in values]
     if all(n is not None for n in numbers):
-        log = min(numbers) > 0 and max(numbers) / min(numbers) > 10
+        log = min(numbers) > 0 and max(numbers) / min(numbers) >= 9.99
         return numbers, None, log
     labels = list(dict.fromkeys(values))
     return [float(labels.index(v)) for v in values], labels, False
@@ -228,7 +235,8 @@ def plot_target_vs_params(report: Report, path: Path) -> Path | None:
         mx = sorted(by_x)
         means = [statistics.fmean(by_x[x]) for x in mx]
         stds = [statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in mx]
-        ax.errorbar(mx, means, yerr=stds, color="black", capsize=3, label="mean ± std")
+        ax.errorbar(mx, means, yerr=stds, fmt="s-" if labels is None else "s", color="black", capsize=3,
+                    markersize=4, label="mean ± std")
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 8 else 0)
         if log:
@@ -297,8 +305,8 @@ def write_report(report: Report, out_dir: str | Path | None = None) -> dict[str,
         md += ["", f"**Best configuration:** `{params}`: {report.metric} = {value} ({over})."]
     md += ["", "## Jobs", "", markdown_table(header, rows)]
     if report.seed_groups:
+        _write_csv(out / "report_seeds.csv", *seed_table(report, combined=False))
         s_header, s_rows = seed_table(report)
-        _write_csv(out / "report_seeds.csv", s_header, s_rows)
         files["seeds_csv"] = out / "report_seeds.csv"
         md += ["", "## Over seeds (mean ± sample std of completed runs)", "", markdown_table(s_header, s_rows)]
     for key, title in (("target_vs_params", "Target against swept keys"), ("learning_curves", "Learning curves")):
