@@ -144,7 +144,8 @@ def build_report(sweep_dir: str | Path, metric: str | None = None, mode: str | N
         for g in seed_groups:
             mean = g.get(metric, (None, None))[0]
             if mean is not None and (best is None or _better(mean, best["value"], mode)):
-                best = {"params": g["params"], "value": mean, "std": g[metric][1], "jobs": g["jobs"]}
+                best = {"params": g["params"], "value": mean, "std": g[metric][1], "jobs": g["jobs"],
+                        "seeds": g["seeds"]}
     else:
         for row in rows:
             if row.final is not None and (best is None or _better(row.final, best["value"], mode)):
@@ -299,8 +300,8 @@ def write_report(report: Report, out_dir: str | Path | None = None) -> dict[str,
     if report.best is not None:
         params = " ".join(f"{k}={v}" for k, v in report.best["params"].items()) or "(no swept keys)"
         spread = f" ± {report.best['std']:.2g}" if report.best.get("std") is not None else ""
-        over = f"mean over seeds {', '.join(report.best['jobs'])}" if report.seed_groups else \
-            f"job {report.best['jobs'][0]}"
+        over = (f"mean over seeds {', '.join(report.best['seeds'])}: jobs {', '.join(report.best['jobs'])}"
+                if report.seed_groups else f"job {report.best['jobs'][0]}")
         value = f"{report.best['value']:.4g}{spread}"
         md += ["", f"**Best configuration:** `{params}`: {report.metric} = {value} ({over})."]
     md += ["", "## Jobs", "", markdown_table(header, rows)]
