@@ -26,10 +26,15 @@ COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
     "JAX_COORDINATOR_ADDRESS", "PRISM_NUM_PROCESSES", "PRISM_PROCESS_ID")
 
 
+#: What ``srun`` sets in each task and JAX's SLURM detection reads; ``salloc``/``sbatch`` shells lack some of
+#: them, so a plain ``prism train`` there stays one process instead of waiting for absent peers.
+SLURM_TASK_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def _env_describes_multiprocess() -> bool:
     if int(os.environ.get(NUM_PROCESSES_ENV, "1")) > 1:
         return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    return all(v in os.environ for v in SLURM_TASK_ENV) and int(os.environ["SLURM_NTASKS"]) > 1
 
 
 def _slurm_local_device_ids() -> list[int] | None:

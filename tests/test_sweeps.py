@@ -21,7 +21,7 @@ from conftest import REPO, read_result, run_prism
 
 from framework.cli import check_group_choices
 from framework.errors import ConfigError
-from framework.parallel import _slurm_local_device_ids
+from framework.parallel import _env_describes_multiprocess, _slurm_local_device_ids
 from framework.sweep import parse_overrides
 
 TINY = ["train.steps=4", "train.batch_size=16", "train.eval_every=2", "logging.progress=false",
@@ -87,6 +87,20 @@ def test_slurm_local_device_ids(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
     assert _slurm_local_device_ids() == [0, 1, 2, 3]
+
+
+def test_auto_distributed_only_in_an_srun_task(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                "PRISM_NUM_PROCESSES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # an salloc/sbatch shell: one process, whatever the allocation
+    assert not _env_describes_multiprocess()
+    for var, value in {"SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}.items():
+        monkeypatch.setenv(var, value)  # a task started by srun
+    assert _env_describes_multiprocess()
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not _env_describes_multiprocess()
 
 
 @pytest.mark.slow
