@@ -1,4 +1,4 @@
-"""The ``prism`` command: ``prism train`` (a Hydra app), ``prism eval``, ``prism list [KIND]``, ``prism bench``.
+"""The ``prism`` command: ``train`` (a Hydra app), ``eval``, ``list [KIND]``, ``bench``, ``sweep-report DIR``.
 
 Errors the user can fix (:class:`framework.errors.PrismError`) are printed as one message and exit
 with status 2; Hydra's own config errors (unknown key, wrong type) keep Hydra's message, which names
@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from framework import __version__
-from framework.errors import PrismError, UnknownNameError
+from framework.errors import ConfigError, PrismError, UnknownNameError
+from framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
 
@@ -24,30 +25,55 @@ COMMANDS = {
             "[task=...] [dataset=...] [key=value ...]",
     "list": "list registered plugins: prism list [KIND] (kinds: model, dataset, objective, task, ...)",
     "bench": "benchmark: prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]",
+    "sweep-report": "tabulate and plot a sweep: prism sweep-report MULTIRUN_DIR [--metric NAME] [--mode max|min] "
+                    "[--out DIR]",
 }
 
 USAGE = "usage: prism COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
-    f"  {name:<7} {text}" for name, text in COMMANDS.items()
+    f"  {name:<12} {text}" for name, text in COMMANDS.items()
 )
-
-#: Failed jobs of the current sweep (run directory, error), reported when the sweep ends.
-_failed_jobs: list[tuple[str, str]] = []
-
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"prism: error: {message}", file=sys.stderr)
     return code
 
 
-def check_group_choices(overrides: Sequence[str]) -> None:
-    """Reject ``group=NAME`` overrides naming no registered plugin or preset, with close matches.
+def check_repeated_sweep_keys(overrides: Sequence[str]) -> None:
+    """Reject a key given twice when one of its values is a sweep (``model.widths=[4],[8] model.widths=[8]``).
 
-    Hydra would also refuse them, but without suggestions; sweep lists (``model=a,b``) are checked
+    Hydra keeps the last value, so the sweep would silently run one job.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    seen: dict[str, list[tuple[str, bool]]] = {}
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:  # Hydra reports malformed overrides itself
+            continue
+        seen.setdefault(override.get_key_element().lstrip("+~"), []).append((arg, override.is_sweep_override()))
+    for key, uses in seen.items():
+        if len(uses) > 1 and any(is_sweep for _, is_sweep in uses):
+            raise ConfigError(
+                f"{key} is given {len(uses)} times ({', '.join(repr(a) for a, _ in uses)}); Hydra would keep only "
+                f"the last and not sweep. Give each key once, with all its sweep values: {key}=a,b,c")
+
+
+def check_group_choices(overrides: Sequence[str]) -> None:
+    """Reject ``group=NAME`` overrides naming no registered plugin or preset, with close matches, and a
+    sweep key given twice (:func:`check_repeated_sweep_keys`).
+
+    Hydra would also refuse unknown names, but without suggestions; sweep lists (``model=a,b``) are checked
     name by name.
     """
     from framework.config import SELECTED_KINDS, group_options
     from framework.plugins import plugin_failures
 
+    check_repeated_sweep_keys(overrides)
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -77,20 +103,24 @@ def _train_app():
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def train(cfg) -> float | None:
+        """Train one run; returns the final ``checkpoint.best_metric`` (what Hydra's sweepers optimize)."""
+        from framework.sweep import claim_devices
         from framework.train import Trainer, write_failure
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         try:
+            if multirun and cfg.parallel.devices_per_job > 0:
+                devices = claim_devices(cfg.parallel.devices_per_job, Path(hydra_cfg.sweep.dir) / ".devices")
+                log.info("job %s: CUDA_VISIBLE_DEVICES=%s", hydra_cfg.job.num, devices)
             result = Trainer(cfg, run_dir).fit()
         except Exception as exc:
             write_failure(run_dir, exc)
-            expected = isinstance(exc, PrismError)
-            if hydra_cfg.mode == RunMode.MULTIRUN:
+            if multirun:  # the other jobs go on; the sweep reports this one at the end (cmd_train)
                 log.error("job %s failed: %s: %s", run_dir, type(exc).__name__, exc)
-                _failed_jobs.append((str(run_dir), f"{type(exc).__name__}: {exc}"))
                 return None
-            if expected:
+            if isinstance(exc, PrismError):
                 raise SystemExit(_fail(str(exc))) from None
             raise
         best = cfg.checkpoint.best_metric
@@ -112,14 +142,20 @@ def cmd_train(args: list[str]) -> int:
     app = _train_app()
     saved_argv = sys.argv
     sys.argv = ["prism train", *args]
+    SweepTracker.current = None
+    code = 0
     try:
         app()
+    except SystemExit as exc:  # a single run's clean error, or Hydra reporting a launcher/sweeper error
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = saved_argv
-    if _failed_jobs:
-        lines = "\n".join(f"  {d}: {e}" for d, e in _failed_jobs)
-        return _fail(f"{len(_failed_jobs)} sweep job(s) failed:\n{lines}", code=1)
-    return 0
+    if SweepTracker.current is not None:  # a sweep ran: whatever the launcher, its directory tells
+        sweep_dir, before = SweepTracker.current
+        summary = failure_summary(sweep_dir, sweep_jobs(sweep_dir, before))
+        if summary:
+            return _fail(summary, code=code or 1)
+    return code
 
 
 EVAL_OPTIONS = ("checkpoint", "eval.step", "eval.out")
@@ -183,6 +219,12 @@ def cmd_bench(args: list[str]) -> int:
         return _fail(str(exc), code=1)
 
 
+def cmd_sweep_report(args: list[str]) -> int:
+    from framework.sweep_report import main as report_main
+
+    return report_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -192,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prism {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "bench": cmd_bench}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "bench": cmd_bench,
+                "sweep-report": cmd_sweep_report}
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
         hint = f" Did you mean: {close[0]}?" if close else ""

@@ -107,10 +107,14 @@ class ParallelConfig:
     distributed: 'auto' initializes ``jax.distributed`` when the environment describes several
         processes (SLURM, or JAX_COORDINATOR_ADDRESS / PRISM_NUM_PROCESSES / PRISM_PROCESS_ID); 'on'
         always does; 'off' never does.
+    devices_per_job: in a sweep whose launcher runs several jobs at once on one machine
+        (``hydra/launcher=joblib``), give each job process its own set of this many GPUs (0: every job
+        sees all devices).
     """
 
     fsdp: int = 1
     distributed: str = "auto"
+    devices_per_job: int = 0
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -410,6 +411,7 @@ class Trainer:
             "params": self.param_count,
             "devices": jax.device_count(),
             "processes": jax.process_count(),
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
         if status == "completed":
             self.render(self.run_dir / PREDICTIONS_DIR, cfg.logging.render)
