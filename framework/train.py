@@ -37,6 +37,7 @@ from framework.data import VALID_KEY, eval_batches, train_iterator
 from framework.errors import ConfigError, NonFiniteLossError
 from framework.logging import MetricLogger, plot_curves
 from framework.optim import build_optimizer, plugin_config
+from framework.pretrained import ImportReport, load_pretrained
 from framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
 
 RESULT_FILE = "result.json"
@@ -202,7 +203,24 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
             self.state_shardings)
         self.state = jax.jit(init, out_shardings=self.state_shardings)(key)
+        self.pretrained = self._load_pretrained()
         self.param_count = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+
+    def _load_pretrained(self) -> ImportReport | None:
+        """Fill the model with ``model.pretrained`` weights (a weight file or a prism run, see
+        :mod:`framework.pretrained`), then start the optimizer (and parameter EMA) from them."""
+        path = self.cfg.model.get("pretrained", "")
+        if not isinstance(path, str) or not path:
+            return None
+        system = nnx.merge(self.graphdef, self.state.params, self.state.rest, copy=True)
+        report = load_pretrained(system.model, self.cfg.model.name, path)
+        _, params, rest = nnx.split(system, nnx.Param, ...)
+        params = jax.device_put(params, self.state_shardings.params)
+        rest = jax.device_put(rest, self.state_shardings.rest)
+        opt_state = jax.jit(self.optimizer.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        ema = params if self.state.ema_params is not None else None
+        self.state = self.state._replace(params=params, rest=rest, opt_state=opt_state, ema_params=ema)
+        return report
 
     def _compile_steps(self) -> None:
         cfg, info, task = self.cfg, self.info, self.task
@@ -342,6 +360,8 @@ class Trainer:
                               progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
         if start:
             logger.message(f"resumed from the checkpoint at step {start} in {self.checkpointer.directory}")
+        elif self.pretrained is not None:
+            logger.message(self.pretrained.summary())
         status, step, eval_metrics, last_logged = "completed", start, {}, {}
         if start >= self.micro_steps:  # a finished run: report its final evaluation again
             eval_metrics = self.evaluate()
@@ -385,6 +405,9 @@ class Trainer:
             "devices": jax.device_count(),
             "processes": jax.process_count(),
         }
+        if self.pretrained is not None:
+            result["pretrained"] = {"path": self.pretrained.path, "loaded": self.pretrained.loaded,
+                                    "head_skipped": self.pretrained.head_skipped}
         if self.is_main:
             (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
             if cfg.logging.plots:
