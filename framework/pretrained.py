@@ -34,6 +34,8 @@ from framework.registry import MODELS
 
 #: Registry metadata key of a model's PyTorch converter: ``(model) -> list[TensorRule]``.
 TORCH_WEIGHTS = "torch_weights"
+#: Optional registry metadata: ``(file key) -> key`` applied to a file's keys first (legacy names of old releases).
+TORCH_RENAME = "torch_rename"
 #: The attribute holding a classifier's head; loaded only when its shapes fit (another class count does not).
 HEAD = "head"
 #: State-dict entries that carry no weights (PyTorch BatchNorm's step counter).
@@ -232,6 +234,9 @@ def load_torch_weights(model: nnx.Module, name: str, path: str | Path) -> Import
         raise WeightsError(f"model {name!r} has no converter for PyTorch weights (registry metadata "
                            f"{TORCH_WEIGHTS!r}); it can load a prism run directory or checkpoint instead")
     tensors = read_state_dict(path)
+    rename = MODELS.get(name).metadata.get(TORCH_RENAME)
+    if rename is not None:
+        tensors = {rename(k): v for k, v in tensors.items()}
     return apply_rules(model, converter(model), tensors, origin=str(path), what=f"model {name!r}",
                        report=ImportReport(str(path)))
 

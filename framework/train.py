@@ -206,12 +206,18 @@ class Trainer:
         self.pretrained = self._load_pretrained()
         self.param_count = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
 
+    def _has_checkpoint_to_resume(self) -> bool:
+        ckpt = self.cfg.checkpoint
+        directory = self.run_dir / "checkpoints"
+        return bool(ckpt.enabled and ckpt.resume and directory.is_dir()
+                    and any(p.name.isdigit() for p in directory.iterdir()))
+
     def _load_pretrained(self) -> ImportReport | None:
         """Fill the model with ``model.pretrained`` weights (a weight file or a prism run, see
         :mod:`framework.pretrained`), then start the optimizer (and parameter EMA) from them."""
         path = self.cfg.model.get("pretrained", "")
-        if not isinstance(path, str) or not path:
-            return None
+        if not isinstance(path, str) or not path or self._has_checkpoint_to_resume():
+            return None  # a resumed run takes its weights from its own checkpoint (the file may be gone by then)
         system = nnx.merge(self.graphdef, self.state.params, self.state.rest, copy=True)
         report = load_pretrained(system.model, self.cfg.model.name, path)
         _, params, rest = nnx.split(system, nnx.Param, ...)

@@ -11,6 +11,7 @@ initialised torch models saved to disk (no download).
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -203,6 +204,16 @@ def test_stem_config_that_torchvision_lacks_is_refused(tmp_path):
         load_pretrained(model, "resnet18", _save(tmp_path, _resnet_state_dict(classes=10)))
 
 
+def test_legacy_densenet_names_are_renamed():
+    from plugins.models.densenet import torch_rename
+
+    layer = "features.denseblock2.denselayer11"
+    assert torch_rename(f"{layer}.norm.1.running_var") == f"{layer}.norm1.running_var"
+    assert torch_rename(f"{layer}.conv.2.weight") == f"{layer}.conv2.weight"
+    for key in ("features.denseblock1.denselayer1.norm1.weight", "features.transition1.norm.weight", "classifier.bias"):
+        assert torch_rename(key) == key
+
+
 # -- through the Trainer --------------------------------------------------------------------------------
 VIT = ["model=vit_ti16", "model.depth=1", "model.embed_dim=16", "model.num_heads=2", "model.patch_size=4"]
 
@@ -228,8 +239,8 @@ def test_trainer_starts_from_a_safetensors_file_and_records_it(tmp_path):
     from framework.train import Trainer
 
     fast = [o for o in FAST if not o.startswith("model.")]  # FAST sizes the default simple_cnn
-    trainer = Trainer(compose([*fast, *VIT, f"model.pretrained={path}", "train.steps=2",
-                               "train.max_eval_batches=1"]), tmp_path / "run")
+    overrides = [*fast, *VIT, f"model.pretrained={path}", "train.steps=2", "train.max_eval_batches=1"]
+    trainer = Trainer(compose(overrides), tmp_path / "run")
     params = trainer.state.params["model"]
     np.testing.assert_array_equal(params["blocks"][0]["attn"]["qkv"]["kernel"][...], sd["blocks.0.attn.qkv.weight"].T)
     np.testing.assert_array_equal(params["patch_embed"]["kernel"][...],
@@ -240,6 +251,8 @@ def test_trainer_starts_from_a_safetensors_file_and_records_it(tmp_path):
     assert result["status"] == "completed"
     assert result["pretrained"] == {"path": str(path), "loaded": 20, "head_skipped": ""}
     assert read_result(tmp_path / "run")["pretrained"]["loaded"] == 20
+    path.unlink()  # a run that resumes takes its weights from its checkpoint: the file is no longer needed
+    assert Trainer(compose(overrides), tmp_path / "run").pretrained is None
 
 
 def test_fine_tune_from_a_prism_run_loads_its_model_and_reinitialises_another_head(tmp_path, train_run):
@@ -326,6 +339,9 @@ def test_logits_match_pytorch_after_import(name, tmp_path):
 
     _randomize_norms(torch_model, side)
     state = {k: v.detach().contiguous() for k, v in torch_model.state_dict().items()}
+    if name == "densenet121":  # the names of torchvision's published densenet files ("norm.1"), renamed on load
+        state = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()}
+        assert "features.denseblock1.denselayer1.norm.1.weight" in state
     path = tmp_path / f"{name}.{fmt}"
     if fmt == "pth":
         torch.save(state, path)

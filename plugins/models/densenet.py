@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import jax
@@ -108,6 +109,16 @@ class DenseNet(nnx.Module):
         return self.head(self.features(x))
 
 
+#: torchvision's original DenseNet files name ``denselayer1.norm.1``, ``conv.2``; its loader renames them too.
+_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def torch_rename(key: str) -> str:
+    """``...denselayer1.norm.1.weight`` (torchvision's published densenet files) -> ``...denselayer1.norm1.weight``."""
+    match = _LEGACY.match(key)
+    return match[1] + match[2] if match else key
+
+
 def torch_rules(model: DenseNet) -> list:
     """torchvision ``densenet*`` state-dict names (``features.denseblock1.denselayer1.norm1``,
     ``features.transition1.conv``, ``features.norm5``, ``classifier``)."""
@@ -124,6 +135,7 @@ def torch_rules(model: DenseNet) -> list:
 
 
 @MODELS.register("densenet121", config=DenseNetConfig, default_image_shape=(224, 224, 3), torch_weights=torch_rules,
+                 torch_rename=torch_rename,
                  description="DenseNet-121 (torchvision layout: growth 32, blocks 6-12-24-16, bn_size 4, "
                              "compression 0.5).")
 def build_densenet(cfg: DenseNetConfig, *, data: DataInfo, rngs: nnx.Rngs) -> DenseNet:
