@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,12 @@ class ImportReport:
     path: str
     loaded: int = 0
     head_skipped: str = ""  # reason, empty when the head was loaded (or the model has none)
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = f"loaded {self.loaded} pretrained tensors from {self.path}"
         if self.head_skipped:
             text += f"; head left at its initialisation ({self.head_skipped})"
-        return "; ".join([text, *self.notes])
+        return text
 
 
 # -- model variables ----------------------------------------------------------------------------------------
@@ -268,24 +267,30 @@ def read_checkpoint_model(path: str | Path) -> tuple[dict[str, np.ndarray], dict
         step = manager.latest_step() if step is None else step
     except Exception as exc:
         raise WeightsError(f"cannot open {path} as a prism run or checkpoint directory: {exc}") from exc
-    if step is None:
-        raise WeightsError(f"{path} holds no checkpoint (expected a prism run directory, its checkpoints/ "
-                           f"directory or a checkpoints/STEP directory)")
-    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    signature = meta.get("signature") or {}
-    has_ema = any(k.startswith(".ema_params['model']") for k in signature)
-    wanted = {}  # checkpoint key -> model path
-    for key in signature:
-        for prefix in (".ema_params['model']" if has_ema else ".params['model']", ".rest['model']"):
-            if key.startswith(prefix):
-                tokens = [a or b for a, b in _TOKEN.findall(key[len(prefix):].removesuffix(".value"))]
-                wanted[key] = ".".join(tokens)
-    target = {k: np.zeros(signature[k][0], signature[k][1]) for k in wanted}
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(target, restore_args=_numpy_restore_args(target), partial_restore=True)))
-    except Exception as exc:
-        raise WeightsError(f"could not read the model from the checkpoint at step {step} in {root}: {exc}") from exc
+        if step is None:
+            raise WeightsError(f"{path} holds no checkpoint (expected a prism run directory, its checkpoints/ "
+                               f"directory or a checkpoints/STEP directory)")
+        try:
+            meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            signature = meta["signature"]
+        except Exception as exc:
+            raise WeightsError(f"the checkpoint at step {step} in {root} is not a prism checkpoint (no readable "
+                               f"meta/signature): {exc}") from exc
+        has_ema = any(k.startswith(".ema_params['model']") for k in signature)
+        wanted = {}  # checkpoint key -> model path
+        for key in signature:
+            for prefix in (".ema_params['model']" if has_ema else ".params['model']", ".rest['model']"):
+                if key.startswith(prefix):
+                    tokens = [a or b for a, b in _TOKEN.findall(key[len(prefix):].removesuffix(".value"))]
+                    wanted[key] = ".".join(tokens)
+        target = {k: np.zeros(signature[k][0], signature[k][1]) for k in wanted}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(target, restore_args=_numpy_restore_args(target), partial_restore=True)))
+        except Exception as exc:
+            raise WeightsError(f"could not read the model from the checkpoint at step {step} in {root}: {exc}"
+                               ) from exc
     finally:
         manager.close()
     state = restored["state"]
