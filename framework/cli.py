@@ -23,7 +23,8 @@ COMMANDS = {
     "train": "train a model: prism train [key=value ...] [-m for a sweep] (a Hydra app; --help lists groups)",
     "eval": "evaluate a saved run: prism eval checkpoint=RUN_DIR [eval.step=best|latest|init|N] [eval.out=DIR] "
             "[task=...] [dataset=...] [key=value ...]",
-    "list": "list registered plugins: prism list [KIND] (kinds: model, dataset, objective, task, ...)",
+    "list": "list registered plugins: prism list [KIND [PATTERN]] [--stats] (kinds: model, dataset, objective, ...;"
+            " models show parameters and GFLOPs, --stats computes them)",
     "bench": "benchmark: prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]",
     "sweep-report": "tabulate and plot a sweep: prism sweep-report MULTIRUN_DIR [--metric NAME] [--mode max|min] "
                     "[--out DIR]",
@@ -181,24 +182,65 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+def _model_stats_column(names: list[str], compute: bool) -> tuple[dict[str, str], int]:
+    """``({name: "params  GFLOPs" text}, number not cached)`` for model rows; computes missing ones when asked."""
+    from framework.model_summary import cached_summary
+
+    column, missing = {}, 0
+    for name in names:
+        try:
+            if compute and cached_summary(name, compute=False) is None:
+                print(f"computing the size and cost of {name} ...", file=sys.stderr, flush=True)
+            stats = cached_summary(name, compute=compute)
+        except Exception as exc:  # one model that cannot be summarised must not hide the others
+            column[name] = f"(stats failed: {type(exc).__name__}: {exc})"
+            continue
+        if stats is None:
+            missing += 1
+            column[name] = f"{'-':>11} params {'-':>7} GFLOPs"
+        else:
+            column[name] = f"{stats['params']:>11,} params {stats['gflops']:>7.2f} GFLOPs"
+    return column, missing
+
+
 def cmd_list(args: list[str]) -> int:
+    """``prism list [KIND] [PATTERN] [--stats]``; models show parameters and GFLOPs (cached; ``--stats``
+    computes missing ones, seconds per model on a CPU)."""
     import warnings
 
     from framework.plugins import PluginImportWarning, load_plugins, plugin_failures
-    from framework.registry import REGISTRIES, registry_for
+    from framework.registry import MODELS, REGISTRIES, registry_for
 
+    stats = "--stats" in args
+    positional = [a for a in args if a != "--stats"]
+    unknown = [a for a in positional if a.startswith("-")]
+    if unknown or len(positional) > 2:
+        return _fail(f"unexpected argument {(unknown or positional[2:])[0]!r}; usage: {COMMANDS['list']}")
     with warnings.catch_warnings():  # failures are reported once, below
         warnings.simplefilter("ignore", PluginImportWarning)
         load_plugins()
-    registries = [registry_for(args[0])] if args else list(REGISTRIES.values())
+    registries = [registry_for(positional[0])] if positional else list(REGISTRIES.values())
+    if stats and registries != [MODELS]:
+        return _fail("--stats applies to models: prism list model [PATTERN] --stats")
+    pattern = positional[1] if len(positional) > 1 else None
     for registry in registries:
-        entries = registry.entries()
+        entries = [registry.get(n) for n in registry.names(pattern)]
         print(f"{registry.plural} ({len(entries)}):")
         width = max((len(e.name) for e in entries), default=0)
+        column, missing = ({}, 0)
+        if registry is MODELS and positional:
+            column, missing = _model_stats_column([e.name for e in entries], compute=stats)
         for e in entries:
-            print(f"  {e.name:<{width}}  {e.description}")
+            middle = f"{column[e.name]}  " if e.name in column else ""
+            print(f"  {e.name:<{width}}  {middle}{e.description}")
         if not entries:
-            print("  (none registered)")
+            print("  (none registered)" if pattern is None else f"  (none matching {pattern!r})")
+        if missing:
+            from framework.model_summary import STATS_FILE, cache_dir
+
+            print(f"(parameters and forward GFLOPs at the default input size of {missing} model(s) not computed "
+                  f"yet: `prism list model{' ' + pattern if pattern else ''} --stats` computes them, seconds per "
+                  f"model on a CPU, and caches them in {cache_dir() / STATS_FILE})")
     for module, error in plugin_failures().items():
         print(f"warning: plugin {module} failed to import: {error}", file=sys.stderr)
     return 0
