@@ -4,13 +4,13 @@ XLA's CPU backend computes the forward convolution and its input gradient at abo
 the weight gradient (a convolution whose "kernel" is the whole output image) runs an order of
 magnitude slower: it made a CIFAR ResNet-18 train step several times slower than PyTorch on CPU.
 :func:`conv_general_dilated` keeps XLA's forward pass and input gradient and computes the weight
-gradient as ``patches(x)^T @ dy``: image patches (im2col) times the output gradient, one large matmul
-per chunk of images.
+gradient as ``patches(x)^T @ dy`` (image patches, im2col, times the output gradient): per chunk of
+images, one matmul per kernel tap.
 
-Memory: im2col multiplies a conv input by ``kh * kw``; the patches are built for ``chunk`` images at a
-time inside a loop (the chunk holds at most :data:`CHUNK_BYTES` of patches, and at least one image),
-so the extra memory is bounded by ``max(CHUNK_BYTES, one image's patches)`` whatever the batch size.
-1x1 kernels need no patches (a strided slice of the input) and are done in one matmul.
+Memory: the patches of a conv input are ``kh * kw`` times its size; they are taken for ``chunk`` images
+at a time inside a loop (at most :data:`CHUNK_BYTES` of patches per chunk, and at least one image), so
+the extra memory is bounded by ``max(CHUNK_BYTES, one image's patches)`` whatever the batch size. Small
+chunks also keep the windows in cache, which is most of the speed.
 
 Which path runs is chosen when a function is traced, from the ``PRISM_CONV`` environment variable:
 ``auto`` (default: this path on the CPU backend, plain ``lax.conv_general_dilated`` elsewhere),
@@ -130,41 +130,44 @@ def _conv_bwd(strides, pads, dilation, groups, precision, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def patches(x: jax.Array, kernel: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
-            pads: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> jax.Array:
-    """im2col of NHWC ``x``: shape ``(N, OH, OW, KH * KW, C)``, taps in HWIO kernel order."""
+def tap_slices(x: jax.Array, kernel: tuple[int, int], out_hw: tuple[int, int], strides: tuple[int, int],
+               pads: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> list[jax.Array]:
+    """The ``KH * KW`` strided windows of padded NHWC ``x`` that kernel taps meet, each ``(N, OH, OW, C)``,
+    in HWIO kernel order: stacked on a new axis 3 they are the image patches (im2col) of ``x``."""
     kh, kw = kernel
     (oh, ow), (sh, sw), (dh, dw) = out_hw, strides, dilation
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    taps = [lax.slice(xp, (0, i * dh, j * dw, 0), (xp.shape[0], i * dh + (oh - 1) * sh + 1,
-                                                    j * dw + (ow - 1) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
+    return [lax.slice(xp, (0, i * dh, j * dw, 0), (xp.shape[0], i * dh + (oh - 1) * sh + 1,
+                                                   j * dw + (ow - 1) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
             for i in range(kh) for j in range(kw)]
-    return jnp.stack(taps, axis=3)
 
 
 def weight_grad(x: jax.Array, g: jax.Array, w_shape: tuple[int, ...], strides: tuple[int, int],
                 pads: tuple[tuple[int, int], ...], dilation: tuple[int, int], groups: int = 1,
                 precision=None) -> jax.Array:
     """Gradient of a NHWC/HWIO conv w.r.t. its kernel, given input ``x`` and output gradient ``g``:
-    ``sum over (n, oh, ow) of patches(x) * g``, as matmuls over chunks of images (float32 accumulation)."""
+    ``patches(x)^T @ g`` summed over (n, oh, ow), over chunks of images (float32 accumulation).
+
+    Each kernel tap is one matmul of its input window with ``g`` (the same products as one im2col matmul,
+    without building the patch matrix, which XLA's CPU backend is slow to compile and to fill)."""
     kh, kw, cg, o = w_shape
     n, oh, ow = g.shape[:3]
-    taps = kh * kw
+    og = o // groups
     acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
 
-    def chunk_grad(xc: jax.Array, gc: jax.Array) -> jax.Array:
-        p = patches(xc, (kh, kw), (oh, ow), strides, pads, dilation)
-        if groups == 1:  # (n, oh, ow, taps, cg) . (n, oh, ow, o) -> (taps, cg, o)
-            return lax.dot_general(p, gc, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
-                                   preferred_element_type=acc_dtype)[None]
-        # (n, oh, ow, taps, groups, cg) . (n, oh, ow, groups, og) -> (groups, taps, cg, og)
-        p = p.reshape(*p.shape[:4], groups, cg)
-        gc = gc.reshape(*gc.shape[:3], groups, o // groups)
-        return lax.dot_general(p, gc, (((0, 1, 2), (0, 1, 2)), ((4,), (3,))), precision=precision,
-                               preferred_element_type=acc_dtype)
+    def chunk_grad(xc: jax.Array, gc: jax.Array) -> jax.Array:  # -> (taps, groups, cg, og)
+        windows = tap_slices(xc, (kh, kw), (oh, ow), strides, pads, dilation)
+        if groups == 1:  # (n, oh, ow, cg) . (n, oh, ow, o) -> (cg, o)
+            return jnp.stack([lax.dot_general(t, gc, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
+                                              preferred_element_type=acc_dtype) for t in windows])[:, None]
+        # (n, oh, ow, groups, cg) . (n, oh, ow, groups, og) -> (groups, cg, og)
+        gc = gc.reshape(*gc.shape[:3], groups, og)
+        dims = (((0, 1, 2), (0, 1, 2)), ((3,), (3,)))
+        return jnp.stack([lax.dot_general(t.reshape(*t.shape[:3], groups, cg), gc, dims, precision=precision,
+                                          preferred_element_type=acc_dtype) for t in windows])
 
-    per_image = oh * ow * taps * x.shape[3] * x.dtype.itemsize
-    chunk = n if taps == 1 else max(1, min(n, CHUNK_BYTES // per_image))
+    per_image = oh * ow * kh * kw * x.shape[3] * x.dtype.itemsize
+    chunk = max(1, min(n, CHUNK_BYTES // per_image))
     if chunk >= n:
         dw = chunk_grad(x, g)
     else:
@@ -183,6 +186,6 @@ def weight_grad(x: jax.Array, g: jax.Array, w_shape: tuple[int, ...], strides: t
             gc = lax.dynamic_index_in_dim(gs, k, axis=1, keepdims=False)
             return acc + chunk_grad(xc, gc)
 
-        dw = lax.fori_loop(0, steps, body, jnp.zeros((groups, taps, cg, o // groups), acc_dtype))
-    # (groups, taps, cg, og) -> HWIO (kh, kw, cg, groups * og)
-    return dw.transpose(1, 2, 0, 3).reshape(kh, kw, cg, o)
+        dw = lax.fori_loop(0, steps, body, jnp.zeros((kh * kw, groups, cg, og), acc_dtype))
+    # (taps, groups, cg, og) -> HWIO (kh, kw, cg, groups * og)
+    return dw.transpose(0, 2, 1, 3).reshape(kh, kw, cg, o)
