@@ -13,7 +13,6 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from framework import conv
-from framework.api import DataInfo
 from framework.errors import ConfigError
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -45,8 +44,12 @@ def _rel(a, b) -> float:
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
 
 
-@pytest.mark.parametrize("chunk_bytes", [conv.CHUNK_BYTES, 1], ids=["whole-batch", "one-image-chunks"])
-@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+# Every case with the whole batch in one chunk; a few also with one image per chunk (the loop path).
+PARAMS = [pytest.param(c, conv.CHUNK_BYTES, id=f"{i}-whole-batch") for i, c in enumerate(CASES)]
+PARAMS += [pytest.param(CASES[i], 1, id=f"{i}-one-image-chunks") for i in (1, 4, 8)]
+
+
+@pytest.mark.parametrize(("case", "chunk_bytes"), PARAMS)
 def test_matches_lax_conv(case, chunk_bytes, monkeypatch):
     n, size, cin, cout, k, stride, padding, dilation, groups = case
     monkeypatch.setattr(conv, "CHUNK_BYTES", chunk_bytes)
@@ -129,32 +132,50 @@ def test_path_selection(monkeypatch):
         conv.mode()
 
 
-def test_tiny_resnet_train_step_same_on_both_paths():
-    """One real train step of a small CIFAR ResNet-18 (BatchNorm, strided and 1x1 convs): same loss and
-    gradients whichever path computes the convolutions."""
-    from framework.plugins import load_plugins
-    from framework.registry import MODELS
+class _TinyResNet(nnx.Module):
+    """Stem conv + one strided ResNet BasicBlock (3x3 stride 2, 1x1 strided shortcut) + linear head, built
+    from the model plugins' own layers."""
 
-    load_plugins()
-    entry = MODELS.get("resnet18")
-    model = entry.builder(entry.config(stem="cifar", width=4, num_classes=10), data=DataInfo(10, (8, 8, 3)),
-                          rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    def __init__(self, rngs: nnx.Rngs):
+        from plugins.models._layers import batch_norm, conv, linear
+        from plugins.models.resnet import BasicBlock
+
+        self.conv = conv(3, 4, 3, rngs=rngs)
+        self.bn = batch_norm(4, rngs=rngs)
+        self.block = BasicBlock(4, 8, 2, zero_init=False, rngs=rngs)
+        self.head = linear(8, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.block(nnx.relu(self.bn(self.conv(x)))).mean(axis=(1, 2)))
+
+
+def test_tiny_resnet_train_step_same_on_both_paths():
+    """One real train step (forward in training mode with BatchNorm, cross-entropy, gradients, SGD update)
+    of a small residual network: same loss, gradients and updated parameters on both paths."""
+    graphdef, params, rest = nnx.split(_TinyResNet(nnx.Rngs(0)), nnx.Param, ...)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 4), jnp.int32)
+    tx = optax.sgd(0.1, momentum=0.9)
 
-    def loss_fn(p, r):
-        logits = nnx.merge(graphdef, p, r, copy=True)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def step(p, r):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p, r, copy=True)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, _ = tx.update(grads, tx.init(p), p)
+        return loss, grads, optax.apply_updates(p, updates)
 
     results = {}
     for mode in ("xla", "matmul"):
         with conv.forced(mode):
-            results[mode] = jax.jit(jax.value_and_grad(loss_fn))(params, rest)
-    (l_xla, g_xla), (l_mm, g_mm) = results["xla"], results["matmul"]
+            results[mode] = jax.jit(step)(params, rest)
+    (l_xla, g_xla, p_xla), (l_mm, g_mm, p_mm) = results["xla"], results["matmul"]
     assert jnp.isfinite(l_xla) and abs(float(l_xla) - float(l_mm)) < 1e-5 * abs(float(l_xla))
     leaves_xla, leaves_mm = jax.tree.leaves(g_xla), jax.tree.leaves(g_mm)
-    assert len(leaves_xla) == len(leaves_mm) > 20
+    assert len(leaves_xla) == len(leaves_mm) == 14  # 4 conv kernels, 4 BatchNorms (scale, bias), linear
     for a, b in zip(leaves_xla, leaves_mm, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+    for a, b in zip(jax.tree.leaves(p_xla), jax.tree.leaves(p_mm), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
