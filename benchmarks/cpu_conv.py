@@ -113,9 +113,9 @@ def cpu_name() -> str:
     return found.group(1).strip() if found else platform.machine()
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the ``cpu_conv`` section of the results file."""
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
+def write_section(path: Path, text: str, section: str = SECTION) -> None:
+    """Replace (or append) the ``section`` part of the results file."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     block = f"{begin}\n{text.rstrip()}\n{end}\n"
     old = path.read_text() if path.exists() else "# Benchmark results\n\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end) + "\n?", re.S)
@@ -126,7 +126,7 @@ def write_section(path: Path, text: str) -> None:
 def markdown(r: dict) -> str:
     s = r["steps"]
     lines = [
-        f"## CPU convolutions: CIFAR ResNet-18 train step (`{SECTION}`)",
+        f"## CPU convolutions: CIFAR ResNet-18 train step (`{r['section']}`)",
         "",
         f"{r['date']}, {r['device']}; jax {r['jax']}, flax {r['flax']}, torch {r['torch']['torch']} "
         f"({r['torch']['threads']} threads); batch {r['batch']}, {r['image']}x{r['image']}, {r['rounds']} "
@@ -159,7 +159,9 @@ def main() -> int:
     parser.add_argument("--torch-channels-last", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "cpu_conv.json"))
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--label", default="", help="a second result section (e.g. 'repeat') beside the main one")
     args = parser.parse_args()
+    section = f"{SECTION}/{args.label}" if args.label else SECTION
 
     runs, meta = {}, {}
     for mode in ("xla", "matmul"):
@@ -182,6 +184,7 @@ def main() -> int:
     steps = {k: {"median_s": statistics.median(v), "times_s": v, **meta.get(k, {})} for k, v in times.items()}
     result = {
         "benchmark": SECTION,
+        "section": section,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": f"{cpu_name()}, {os.cpu_count()} cores "
                   f"({jax.default_backend()} backend, shared machine)",
@@ -196,7 +199,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    write_section(Path(args.results), markdown(result))
+    write_section(Path(args.results), markdown(result), section)
     print(markdown(result))
     print(f"wrote {out} and {args.results}")
     return 0
