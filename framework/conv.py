@@ -13,7 +13,8 @@ the extra memory is bounded by ``max(CHUNK_BYTES, one image's patches)`` whateve
 chunks also keep the windows in cache, which is most of the speed.
 
 Which path runs is chosen when a function is traced, from the ``PRISM_CONV`` environment variable:
-``auto`` (default: this path on the CPU backend, plain ``lax.conv_general_dilated`` elsewhere),
+``auto`` (default: this path on the CPU backend for convs of at least :data:`MIN_FLOPS`, plain
+``lax.conv_general_dilated`` elsewhere),
 ``xla`` (always ``lax.conv_general_dilated``) or ``matmul`` (this path on every backend). Layouts
 other than NHWC/HWIO/NHWC, input (transposed-conv) dilation and batch groups always use
 ``lax.conv_general_dilated``; so do grouped convs (depthwise) under ``auto``: there the matmul path
@@ -39,6 +40,11 @@ ENV = "PRISM_CONV"
 MODES = ("auto", "xla", "matmul")
 #: Bytes of image patches built per chunk in the weight gradient (at least one image's).
 CHUNK_BYTES = 8 * 2**20
+#: ``auto`` takes the matmul path for convs of at least this many forward FLOPs. Below it the weight
+#: gradient is cheap either way and XLA's own compiles faster (the matmul path compiled a small ResNet's
+#: train step ~1.5x slower), which is what CI's tiny models need; every conv of a CIFAR ResNet-18 at
+#: batch >= 32 is above it.
+MIN_FLOPS = 1e8
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _forced: list[str] = []
@@ -70,13 +76,13 @@ def forced(value: str) -> Iterator[None]:
         _forced.pop()
 
 
-def _use_matmul(feature_group_count: int) -> bool:
+def _use_matmul(groups: int, flops: float) -> bool:
     m = mode()
     if m == "xla":
         return False
     if m == "matmul":
         return True
-    return jax.default_backend() == "cpu" and feature_group_count == 1
+    return jax.default_backend() == "cpu" and groups == 1 and flops >= MIN_FLOPS
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding,
@@ -95,14 +101,19 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                  and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
                  and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                  == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if not supported or not _use_matmul(feature_group_count):
+    if not supported or mode() == "xla":
         return lax_conv(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
     dilation = (1, 1) if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
+    dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation, strict=True)]
     if isinstance(padding, str):
-        dilated = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation, strict=True)]
         padding = lax.padtype_to_pads(lhs.shape[1:3], dilated, strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    out_hw = [(size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(lhs.shape[1:3], pads, dilated, strides,
+                                                                            strict=True)]
+    flops = 2.0 * lhs.shape[0] * math.prod(out_hw) * math.prod(rhs.shape)
+    if not _use_matmul(int(feature_group_count), flops):
+        return lax_conv(lhs, rhs)
     return _conv(lhs, rhs, strides, pads, dilation, int(feature_group_count), precision)
 
 

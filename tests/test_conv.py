@@ -106,8 +106,10 @@ def test_sharded_batch_gives_the_same_gradient():
     assert _rel(rdw, dw) < 1e-5
 
 
-def _uses_custom_vjp(groups: int = 1, **kw) -> bool:
-    x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 4 // groups, 4))
+def _uses_custom_vjp(groups: int = 1, batch: int = 32, **kw) -> bool:
+    """Whether a 32x32, 64-channel 3x3 conv (~2.4 GFLOPs at batch 32) takes the matmul path."""
+    x = jax.ShapeDtypeStruct((batch, 32, 32, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 64 // groups, 64), jnp.float32)
     kw = {"padding": "SAME", **kw}
     jaxpr = jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), dimension_numbers=DN,
                                                                   feature_group_count=groups, **kw))(x, w)
@@ -119,12 +121,13 @@ def test_path_selection(monkeypatch):
     assert conv.mode() == "auto"
     assert jax.default_backend() == "cpu"
     assert _uses_custom_vjp()  # auto on CPU: matmul weight gradient
-    assert not _uses_custom_vjp(groups=4)  # auto leaves grouped convs to XLA
+    assert not _uses_custom_vjp(batch=1)  # ~75 MFLOPs: below conv.MIN_FLOPS, XLA's (faster to compile)
+    assert not _uses_custom_vjp(groups=64)  # auto leaves grouped (here depthwise) convs to XLA
     assert not _uses_custom_vjp(lhs_dilation=(2, 2), padding=((1, 1), (1, 1)))  # transposed convs: XLA
     monkeypatch.setenv(conv.ENV, "xla")
     assert not _uses_custom_vjp()
     monkeypatch.setenv(conv.ENV, "matmul")
-    assert _uses_custom_vjp(groups=4)
+    assert _uses_custom_vjp(groups=64) and _uses_custom_vjp(batch=1)
     with conv.forced("xla"):
         assert not _uses_custom_vjp()
     monkeypatch.setenv(conv.ENV, "fast")
