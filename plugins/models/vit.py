@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.conv import conv_general_dilated
 from framework.registry import MODELS
 from plugins.models._layers import num_classes_of, torch_default, zeros
 from plugins.models._torch_import import TorchRules
@@ -135,7 +136,8 @@ class VisionTransformer(nnx.Module):
         self.patch_size = p
         self.grid = image_size // p
         self.patch_embed = nnx.Conv(in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
-                                    kernel_init=torch_default, bias_init=zeros, rngs=rngs)
+                                    kernel_init=torch_default, bias_init=zeros,
+                                    conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.cls_token = nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, d)))
         self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.grid**2 + 1, d)))
         self.pos_drop = nnx.Dropout(cfg.dropout, rngs=rngs)
