@@ -21,6 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -85,14 +86,38 @@ class Task(ABC):
     axis is the batch; ``summarize`` receives those outputs for the whole evaluation split (padding
     already removed) on the host and returns the reported metrics. The default summary is the mean of
     each per-example output, which is exact over a split of any size.
+
+    Optional parts:
+
+    - ``reference_split``: a split (``"train"``) whose ``eval_outputs`` evaluation also computes and
+      passes to ``summarize(outputs, reference=...)``; for evaluations that fit something on the training
+      data first (a kNN bank, a linear probe on frozen features).
+    - ``describe()``: settings that say what the numbers are (``{"k": 200}``), written into result files.
+    - ``render(batch, outputs, directory)``: pictures of predictions (boxes drawn, masks overlaid) for the
+      first evaluation examples, written at the end of a run and by ``prism eval``.
     """
 
     #: Keys a batch must hold for this task.
     batch_keys: tuple[str, ...] = ("image",)
+    #: Split whose outputs ``summarize`` also receives as ``reference`` (None: none).
+    reference_split: str | None = None
 
     @abstractmethod
     def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         """Per-example evaluation outputs of ``model`` on a global ``batch`` (runs under jit)."""
 
-    def summarize(self, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def summarize(self, outputs: Mapping[str, np.ndarray],
+                  reference: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """Metrics from the outputs over the evaluation split (``reference``: over ``reference_split``)."""
         return {name: float(np.mean(values)) for name, values in outputs.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings that qualify the reported metrics (none by default)."""
+        return {}
+
+    def render(self, batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+               directory: Path) -> list[Path]:
+        """Write pictures of the predictions ``outputs`` for the raw examples ``batch`` (uint8 ``image``
+        plus the dataset's keys) into ``directory`` (creating it); returns the files written (none by
+        default)."""
+        return []

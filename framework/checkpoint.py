@@ -82,7 +82,9 @@ def first_mismatch(expected: dict[str, list], found: dict[str, list]) -> str | N
 class Checkpointer:
     """The run's ``checkpoints/`` directory, managed by an orbax ``CheckpointManager``."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig) -> None:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False) -> None:
+        """``read_only``: open another run's checkpoints to restore from them (``prism eval``); nothing is
+        saved or deleted."""
         self.directory = Path(directory).absolute()
         self.cfg = cfg
         if cfg.best_mode not in ("max", "min"):
@@ -96,11 +98,14 @@ class Checkpointer:
                 keep_checkpoints_without_metrics=False,
             ))
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=cfg.async_save,
+            enable_async_checkpointing=cfg.async_save and not read_only,
             preservation_policy=pp.AnyPreservationPolicy(policies),
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            save_interval_steps=0 if read_only else 1,
             best_fn=(lambda metrics: metrics[cfg.best_metric]) if cfg.best_metric else None,
             best_mode=cfg.best_mode,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

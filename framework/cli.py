@@ -1,4 +1,4 @@
-"""The ``prism`` command: ``prism train`` (a Hydra app), ``prism list [KIND]``.
+"""The ``prism`` command: ``prism train`` (a Hydra app), ``prism eval``, ``prism list [KIND]``, ``prism bench``.
 
 Errors the user can fix (:class:`framework.errors.PrismError`) are printed as one message and exit
 with status 2; Hydra's own config errors (unknown key, wrong type) keep Hydra's message, which names
@@ -20,6 +20,8 @@ log = logging.getLogger("prism")
 
 COMMANDS = {
     "train": "train a model: prism train [key=value ...] [-m for a sweep] (a Hydra app; --help lists groups)",
+    "eval": "evaluate a saved run: prism eval checkpoint=RUN_DIR [eval.step=best|latest|init|N] [eval.out=DIR] "
+            "[task=...] [dataset=...] [key=value ...]",
     "list": "list registered plugins: prism list [KIND] (kinds: model, dataset, objective, task, ...)",
     "bench": "benchmark the input pipeline: prism bench data [--batches N] [--out PATH] [key=value ...]",
 }
@@ -120,6 +122,29 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
+EVAL_OPTIONS = ("checkpoint", "eval.step", "eval.out")
+
+
+def cmd_eval(args: list[str]) -> int:
+    """``prism eval``: the run's metrics (or another task's) from one of its checkpoints, offline."""
+    import json
+
+    from framework.evaluate import evaluate_run
+    from framework.plugins import load_plugins
+
+    options = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in EVAL_OPTIONS}
+    overrides = [a for a in args if a.split("=", 1)[0] not in EVAL_OPTIONS]
+    if "checkpoint" not in options:
+        return _fail("prism eval needs checkpoint=RUN_DIR (the directory of a prism train run)\n"
+                     + COMMANDS["eval"])
+    load_plugins()
+    check_group_choices(overrides)
+    result = evaluate_run(options["checkpoint"], overrides, step=options.get("eval.step", "best"),
+                          out_dir=options.get("eval.out"))
+    print(json.dumps({k: result[k] for k in ("task", "step", "metrics", "out_dir")}))
+    return 0
+
+
 def cmd_list(args: list[str]) -> int:
     import warnings
 
@@ -167,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prism {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    handlers = {"train": cmd_train, "list": cmd_list, "bench": cmd_bench}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "bench": cmd_bench}
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
         hint = f" Did you mean: {close[0]}?" if close else ""

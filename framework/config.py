@@ -120,11 +120,14 @@ class LoggingConfig:
     progress: show a console progress bar (step, epoch, loss, img/s, ETA).
     tensorboard: write TensorBoard event files.
     plots: write PNG curves of every logged metric at the end.
+    render: at the end, let the task draw its predictions for this many evaluation examples into
+        ``predictions/`` (tasks that draw nothing write nothing; 0 disables).
     """
 
     progress: bool = True
     tensorboard: bool = True
     plots: bool = True
+    render: int = 8
 
 
 @dataclass

@@ -40,6 +40,7 @@ from framework.optim import build_optimizer, plugin_config
 from framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
 
 RESULT_FILE = "result.json"
+PREDICTIONS_DIR = "predictions"
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -268,14 +269,17 @@ class Trainer:
         self.eval_step = jax.jit(eval_step, out_shardings=parallel.batch_sharding(self.mesh))
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """The task's metrics over the whole evaluation split (padding masked out), on every host, plus the
-        means of the objective's evaluation outputs (when it has any)."""
+    def _eval_outputs(self, split, first_batch_only: bool = False):
+        """``(task outputs, objective outputs, raw host batch of the first batch)`` over ``split``, padding
+        removed; every host gets the whole split's outputs."""
         collected: tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]] = ({}, {})
-        batches = eval_batches(self.eval_split, global_batch=self.eval_batch_size, host=self.eval_host,
-                               max_batches=self.cfg.train.max_eval_batches)
+        first_raw = None
+        batches = eval_batches(split, global_batch=self.eval_batch_size, host=self.eval_host,
+                               max_batches=1 if first_batch_only else self.cfg.train.max_eval_batches)
         for host_batch in batches:
             valid = host_batch.pop(VALID_KEY)
+            if first_raw is None:
+                first_raw = {k: np.asarray(v)[np.asarray(valid, bool)] for k, v in host_batch.items()}
             outputs = self.eval_step(self.state, parallel.global_batch(self.mesh, host_batch))
             if jax.process_count() > 1:
                 outputs = multihost_utils.process_allgather(outputs, tiled=True)
@@ -284,13 +288,35 @@ class Trainer:
                 for name, value in part.items():
                     into.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
         task_out, objective_out = ({name: np.concatenate(parts) for name, parts in c.items()} for c in collected)
-        metrics = dict(self.task.summarize(task_out))
+        return task_out, objective_out, first_raw or {}
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics over the whole evaluation split (padding masked out), on every host, plus the
+        means of the objective's evaluation outputs (when it has any). A task with a ``reference_split``
+        also gets its outputs over that split."""
+        task_out, objective_out, _ = self._eval_outputs(self.eval_split)
+        if self.task.reference_split:
+            reference, _, _ = self._eval_outputs(self.source.split(self.task.reference_split))
+            metrics = dict(self.task.summarize(task_out, reference=reference))
+        else:
+            metrics = dict(self.task.summarize(task_out))
         clash = sorted(set(metrics) & set(objective_out))
         if clash:
             raise ConfigError(f"objective {self.cfg.objective.name!r} and task {self.cfg.task.name!r} both report "
                               f"evaluation metric(s) {clash}")
         metrics.update({name: float(np.mean(values)) for name, values in objective_out.items()})
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def render(self, directory: Path, count: int) -> list[Path]:
+        """The task's pictures of its predictions for the first ``count`` evaluation examples (main host)."""
+        if count <= 0:
+            return []
+        task_out, _, raw = self._eval_outputs(self.eval_split, first_batch_only=True)
+        if not self.is_main or not raw:
+            return []
+        count = min(count, len(next(iter(raw.values()))))
+        return self.task.render({k: v[:count] for k, v in raw.items()}, {k: v[:count] for k, v in task_out.items()},
+                                directory)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -385,6 +411,8 @@ class Trainer:
             "devices": jax.device_count(),
             "processes": jax.process_count(),
         }
+        if status == "completed":
+            self.render(self.run_dir / PREDICTIONS_DIR, cfg.logging.render)
         if self.is_main:
             (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
             if cfg.logging.plots:

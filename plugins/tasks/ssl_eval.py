@@ -32,7 +32,8 @@ class SelfSupervised(Task):
         norm = jnp.sqrt(jnp.maximum(jnp.sum(features * features, axis=-1, keepdims=True), 1e-24))
         return {"features": features / norm}
 
-    def summarize(self, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def summarize(self, outputs: Mapping[str, np.ndarray],
+                  reference: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         features = np.asarray(outputs["features"], np.float64)
         return {"feature_std": float(features.std(axis=0).mean())}
 

@@ -1,0 +1,96 @@
+"""``prism eval``: rebuild a saved run from its checkpoint, evaluate it offline, never touch its checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from framework.errors import CheckpointError, ConfigError
+from framework.evaluate import evaluate_run, run_config
+from tests.conftest import REPO, run_prism
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A finished tiny digits run with checkpoints at steps 10 and 20 (the best one kept too)."""
+    from framework.config import compose
+    from framework.train import Trainer
+
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    cfg = compose(["train.steps=20", "train.batch_size=32", "train.eval_every=10", "logging.progress=false",
+                   "model.widths=[8,16]", "checkpoint.keep=2", "checkpoint.async_save=false"])
+    result = Trainer(cfg, run_dir).fit()
+    return run_dir, result
+
+
+def _checkpoint_files(run_dir):
+    return sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").rglob("*"))
+
+
+def test_offline_eval_of_the_last_step_equals_the_runs_final_metrics(saved_run, tmp_path):
+    run_dir, result = saved_run
+    before = _checkpoint_files(run_dir)
+    offline = evaluate_run(run_dir, step="latest", out_dir=tmp_path / "eval")
+    assert offline["step"] == 20 and offline["mode"] == "offline" and offline["task"] == "classification"
+    for name, value in result["metrics"].items():
+        assert offline["metrics"][name] == pytest.approx(value, rel=1e-5), name
+    written = json.loads((tmp_path / "eval" / "result.json").read_text())
+    assert written["metrics"] == offline["metrics"] and written["checkpoint"] == str(run_dir.absolute())
+    assert _checkpoint_files(run_dir) == before  # read-only: nothing saved, deleted or rewritten
+
+
+def test_init_step_is_the_untrained_architecture(saved_run, tmp_path):
+    run_dir, result = saved_run
+    trained = evaluate_run(run_dir, step="latest", out_dir=tmp_path / "trained")["metrics"]
+    untrained = evaluate_run(run_dir, step="init", out_dir=tmp_path / "init")
+    assert untrained["step"] == "init"
+    assert untrained["metrics"]["eval/loss"] > trained["eval/loss"] + 0.05  # 20 steps do lower the loss
+
+
+def test_overrides_change_the_evaluation_not_the_model(saved_run, tmp_path):
+    run_dir, _ = saved_run
+    one_batch = evaluate_run(run_dir, ["train.max_eval_batches=1", "train.eval_batch_size=40"], step="latest",
+                             out_dir=tmp_path / "one")
+    full = evaluate_run(run_dir, step="latest", out_dir=tmp_path / "full")
+    # 40 of 360 test examples: a different (sub)set, so (almost surely) a different loss, same architecture
+    assert not np.isclose(one_batch["metrics"]["eval/loss"], full["metrics"]["eval/loss"])
+    assert one_batch["overrides"] == ["train.max_eval_batches=1", "train.eval_batch_size=40"]
+
+
+def test_run_config_restores_the_saved_values_typed(saved_run):
+    run_dir, _ = saved_run
+    from framework.evaluate import _checkpointer
+
+    ckpt = _checkpointer(run_dir)
+    config = ckpt.read_meta(max(ckpt.all_steps()))["config"]
+    ckpt.close()
+    cfg = run_config(config, ["task.top_k=3"])
+    assert list(cfg.model.widths) == [8, 16] and cfg.train.steps == 20 and cfg.task.top_k == 3
+    assert cfg.checkpoint.enabled is False
+    with pytest.raises(ConfigError, match="train.no_such_key"):
+        run_config(config, ["train.no_such_key=1"])
+    with pytest.raises(ConfigError, match=r"\+"):
+        run_config(config, ["+train.extra=1"])
+
+
+def test_a_directory_without_checkpoints_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints in"):
+        evaluate_run(tmp_path)
+    with pytest.raises(CheckpointError, match="no such run directory"):
+        evaluate_run(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_cli_eval(saved_run, tmp_path):
+    run_dir, result = saved_run
+    out = run_prism("eval", f"checkpoint={run_dir}", "eval.step=20", f"eval.out={tmp_path / 'cli'}", cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["step"] == 20
+    assert line["metrics"]["eval/accuracy"] == pytest.approx(result["metrics"]["eval/accuracy"], rel=1e-5)
+    missing = run_prism("eval", f"checkpoint={run_dir}", "eval.step=7", cwd=REPO)
+    assert missing.returncode == 2 and "no checkpoint at step 7" in missing.stderr and "[10, 20]" in missing.stderr
+    no_arg = run_prism("eval", "task=classification", cwd=REPO)
+    assert no_arg.returncode == 2 and "checkpoint=RUN_DIR" in no_arg.stderr
