@@ -73,8 +73,8 @@ def evaluations(run_dir: Path) -> dict[tuple[str, bool], tuple[Path, dict]]:
 
 def train_command(run_dir: Path, config: dict) -> str:
     overrides = _yaml(run_dir / ".hydra" / "overrides.yaml")
-    if overrides is None:  # a run built in-process (tests): its objective and task
-        overrides = [f"objective={config['objective']['name']}", f"task={config['task']['name']}"]
+    if overrides is None:
+        return f"(objective={config['objective']['name']}, built in-process: no command line recorded)"
     kept = [o for o in overrides if not o.lstrip("+~").startswith(MACHINE_KEYS)]
     return " ".join(["prism train", *kept])
 
@@ -97,9 +97,10 @@ def rows(run_dir: Path, link: str) -> list[dict]:
         raise TableError(f"{run_dir}/eval holds no linear_probe or knn result (run prism eval checkpoint={run_dir} "
                          f"task=linear_probe first)")
     any_eval = next(iter(evals.values()))[0]
-    config = _yaml(any_eval / "config.yaml") or _yaml(run_dir / ".hydra" / "config.yaml")
+    # the run's own config (an evaluation's config.yaml holds the same run with the evaluation's task)
+    config = _yaml(run_dir / ".hydra" / "config.yaml") or _yaml(any_eval / "config.yaml")
     if not config:
-        raise TableError(f"no config.yaml in {any_eval} or {run_dir / '.hydra'}")
+        raise TableError(f"no config.yaml in {run_dir / '.hydra'} or {any_eval}")
     train = config["train"]
     epochs = f"{train['epochs']:g} epochs" if not train.get("steps") else f"{train['steps']} steps"
     model = config["model"]
