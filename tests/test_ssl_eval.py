@@ -160,14 +160,17 @@ def _features(trainer, split, params) -> tuple[np.ndarray, np.ndarray]:
 def test_prism_eval_knn_through_the_cli(ssl_run):
     trainer, run_dir = ssl_run
     out = run_dir / "eval" / "knn"
+    # the reference is the run's training split: here changed to its first half (a TFDS slice)
     proc = run_prism("eval", f"checkpoint={run_dir}", "task=knn", "task.k=20", "eval.step=latest",
-                     f"eval.out={out}", cwd=REPO)
+                     "dataset.train_split='train[:50%]'", f"eval.out={out}", cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = read_result(out)
     assert result["mode"] == "offline" and result["task"] == "knn" and result["step"] == 12
     assert result["task_settings"]["k"] == 20 and result["task_settings"]["temperature"] == 0.07
     # the same number from features computed here and the NumPy vote
-    train_x, train_y = _features(trainer, trainer.train_split, trainer.state.params)
+    half = trainer.source.split("train[:50%]")
+    assert 0 < len(half) < len(trainer.train_split)
+    train_x, train_y = _features(trainer, half, trainer.state.params)
     test_x, test_y = _features(trainer, trainer.eval_split, trainer.state.params)
     scores = numpy_weighted_knn(_unit(train_x), train_y, _unit(test_x), 20, 0.07, 10)
     assert result["metrics"]["eval/knn/top1"] == pytest.approx(np.mean(scores.argmax(1) == test_y), abs=1e-9)

@@ -6,7 +6,7 @@ solo-learn and DINO for offline evaluation: features are L2-normalized; for each
 the class with the largest total is the prediction. Defaults k=200, T=0.07 as in that paper. Reports
 ``knn/top1`` (and ``knn/top5`` with more than 5 classes: the label among the 5 highest totals).
 
-The similarities are one chunked matrix product (evaluation rows x training rows, at most ~64 MB per
+The similarities are one chunked matrix product (evaluation rows x training rows, at most 256 MB per
 chunk) with ``lax.top_k`` on the default JAX device: Fashion-MNIST's 10k x 60k takes well under a second on
 a GPU. Ties (equal similarities or equal totals) go to the lower index, as ``lax.top_k`` orders them.
 
@@ -32,7 +32,7 @@ from plugins.tasks._frozen import FrozenFeatureTask
 log = logging.getLogger(__name__)
 
 #: Bytes of one chunk of the (evaluation x training) similarity matrix.
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 256 << 20
 
 
 @dataclass
