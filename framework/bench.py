@@ -1,4 +1,5 @@
-"""``prism bench data``: throughput of the input pipeline, without a model.
+"""``prism bench data``: throughput of the input pipeline, without a model (``prism bench train``: see
+:mod:`framework.bench_train`).
 
 Composes the run config exactly as ``prism train`` does, builds the dataset and the host pipeline
 (:func:`framework.data.train_iterator`, with the ``loader`` settings), and times ``--batches``
@@ -118,18 +119,27 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="prism bench", description="Benchmark the input pipeline of a run config (flags before overrides).")
-    parser.add_argument("what", choices=["data"], help="what to benchmark: 'data' (dataset + host pipeline + "
-                                                       "on-device augmentation)")
-    parser.add_argument("--batches", type=int, default=50, help="timed batches (default 50)")
-    parser.add_argument("--warmup", type=int, default=5, help="batches before timing (default 5)")
-    parser.add_argument("--out", default="bench_data.json", help="JSON result file (default bench_data.json)")
+        prog="prism bench", description="Benchmark a run config (flags before or after the overrides).")
+    parser.add_argument("what", choices=["data", "train"],
+                        help="'data': dataset + host pipeline + on-device augmentation; 'train': the Trainer's "
+                             "train step (forward, backward, update)")
+    parser.add_argument("--batches", type=int, default=50, help="data: timed batches (default 50)")
+    parser.add_argument("--steps", type=int, default=20, help="train: timed steps (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="batches/steps before timing (default 5)")
+    parser.add_argument("--data", choices=["synthetic", "pipeline"], default="synthetic",
+                        help="train: one batch kept on device (synthetic) or the real input pipeline")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="train: peak TFLOP/s per device for MFU (default: known GPUs)")
+    parser.add_argument("--profile", default=None, help="train: also write a jax.profiler trace of 5 steps here")
+    parser.add_argument("--out", default=None, help="JSON result file (default bench_<what>.json)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for prism train (key=value ...)")
     return parser.parse_intermixed_args(list(argv))
 
 
 def main(argv: Sequence[str]) -> int:
-    """``prism bench data [--batches N] [--warmup N] [--out PATH] [key=value ...]``."""
+    """``prism bench data|train [flags] [key=value ...]``."""
+    from framework.bench_train import bench_train
+    from framework.bench_train import summary_line as train_summary
     from framework.config import compose
 
     args = parse_args(argv)
@@ -139,10 +149,16 @@ def main(argv: Sequence[str]) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     cfg = compose(args.overrides)
-    result = bench_data(cfg, batches=args.batches, warmup=args.warmup)
-    out = Path(args.out)
+    if args.what == "data":
+        result = bench_data(cfg, batches=args.batches, warmup=args.warmup)
+        line = summary_line(result)
+    else:
+        result = bench_train(cfg, steps=args.steps, warmup=args.warmup, data=args.data, peak=args.peak_tflops,
+                             profile=args.profile)
+        line = train_summary(result)
+    out = Path(args.out or f"bench_{args.what}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**result, "overrides": list(args.overrides)}, indent=2) + "\n")
-    print(summary_line(result))
+    print(line)
     print(f"wrote {out}")
     return 0

@@ -23,7 +23,7 @@ COMMANDS = {
     "eval": "evaluate a saved run: prism eval checkpoint=RUN_DIR [eval.step=best|latest|init|N] [eval.out=DIR] "
             "[task=...] [dataset=...] [key=value ...]",
     "list": "list registered plugins: prism list [KIND] (kinds: model, dataset, objective, task, ...)",
-    "bench": "benchmark the input pipeline: prism bench data [--batches N] [--out PATH] [key=value ...]",
+    "bench": "benchmark: prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]",
 }
 
 USAGE = "usage: prism COMMAND [ARGS]\n\ncommands:\n" + "\n".join(

@@ -4,6 +4,7 @@ patch conv, class token, learned position embedding, pre-norm blocks (qkv bias),
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import jax
@@ -68,10 +69,39 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads), 2, 0)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.heads)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", self.attn_drop(weights), v).reshape(b, n, d)
-        return self.proj_drop(self.proj(out))
+        scale = 1.0 / math.sqrt(d // self.heads)
+        dropout_active = self.attn_drop.rate > 0 and not self.attn_drop.deterministic
+        if _use_cudnn_attention(q, dropout_active):
+            out = _cudnn_attention(q, k, v, scale)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", self.attn_drop(weights), v)
+        return self.proj_drop(self.proj(out.reshape(b, n, d)))
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """cuDNN flash attention over (batch, tokens, heads, dim); cuDNN trains only on token counts that are a
+    multiple of its tile, so 197 tokens are padded to 200 and the padding is masked out by sequence length."""
+    b, n = q.shape[:2]
+    pad = (-n) % 8
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    lengths = jnp.full((b,), n, jnp.int32)
+    out = jax.nn.dot_product_attention(*(jnp.pad(t, widths) for t in (q, k, v)), scale=scale,
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       implementation="cudnn")
+    return out[:, :n]
+
+
+def _use_cudnn_attention(q: jax.Array, dropout_active: bool) -> bool:
+    """cuDNN's fused (flash) attention: on GPU, in bf16/fp16, without attention dropout. It never
+    materializes the (heads, n, n) weights (speed and memory against the plain path: benchmarks/RESULTS.md).
+    ``PRISM_ATTENTION=xla`` forces the plain path."""
+    if os.environ.get("PRISM_ATTENTION", "auto") == "xla" or dropout_active:
+        return False
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
 
 
 class Block(nnx.Module):

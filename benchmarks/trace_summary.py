@@ -1,0 +1,63 @@
+"""Where the device time goes: the top kernels of a ``prism bench train --profile DIR`` trace.
+
+    python benchmarks/trace_summary.py DIR [--top 25]
+
+Reads the Perfetto trace (``*.trace.json.gz``) that ``jax.profiler.trace(create_perfetto_trace=True)``
+writes, keeps the events of GPU streams, and prints device time per kernel name and per category
+(convolution, matmul, fusion, copy/transpose, collective, other), as a share of the traced device time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+from pathlib import Path
+
+CATEGORIES = (("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop")),
+              ("matmul", ("gemm", "cublas", "cutlass", "matmul", "triton_gemm", "nvjet")),
+              ("collective", ("nccl", "all-reduce", "all_reduce", "reduce-scatter", "all-gather")),
+              ("copy/transpose", ("copy", "transpose", "memcpy", "memset")),
+              ("fusion", ("fusion", "loop_", "input_", "reduce", "triton")))
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, needles in CATEGORIES:
+        if any(n in low for n in needles):
+            return label
+    return "other"
+
+
+def summarize(directory: Path, top: int = 25) -> str:
+    files = sorted(directory.rglob("*.trace.json.gz"))
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {directory}")
+    trace = json.loads(gzip.open(files[-1]).read())
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    per_kernel: dict[str, float] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            per_kernel[e["name"]] += e["dur"]
+    total = sum(per_kernel.values()) or 1.0
+    per_cat: dict[str, float] = collections.Counter()
+    for name, dur in per_kernel.items():
+        per_cat[category(name)] += dur
+    lines = [f"trace {files[-1].name}: {total / 1e3:.1f} ms of device time in {len(per_kernel)} kernels",
+             "", "| category | ms | share |", "|---|---|---|"]
+    lines += [f"| {c} | {d / 1e3:.1f} | {d / total:.1%} |" for c, d in per_cat.most_common()]
+    lines += ["", "| kernel | category | ms | share |", "|---|---|---|---|"]
+    lines += [f"| `{n[:90]}` | {category(n)} | {d / 1e3:.2f} | {d / total:.1%} |"
+              for n, d in per_kernel.most_common(top)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    print(summarize(args.directory, args.top))

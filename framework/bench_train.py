@@ -1,0 +1,147 @@
+"""``prism bench train``: speed of the real training step of any model + objective config.
+
+The step timed is the :class:`~framework.train.Trainer`'s own ``train_step`` (the one ``prism train``
+runs: augmentation, forward, backward, optimizer update, EMA/NaN guard, on the sharded global batch),
+built from the same composed config. Two data modes:
+
+- ``synthetic``: one global batch from the dataset is put on the devices once and fed to every step,
+  so the figure is the device's compute alone (use ``dataset=synthetic`` for any resolution);
+- ``pipeline``: every step takes its batch from the real host input pipeline, as training does.
+
+Reported: compile time, median step time over synced steps, images/s over an unsynced window (the
+loop as ``fit`` runs it), the step's convolution + matmul FLOPs (:mod:`framework.flops`; XLA's own cost
+analysis is reported beside it but misses cuDNN convolutions on GPU), MFU against the device's peak dense
+FLOP/s (known devices or ``--peak-tflops``), and peak device memory where the backend reports it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+from omegaconf import DictConfig
+
+from framework import parallel
+from framework.data import train_iterator
+from framework.errors import ConfigError
+from framework.flops import function_flops
+
+#: Peak dense tensor FLOP/s per device (bf16; fp32 runs use TF32, half that), from the vendors' data sheets.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}
+
+
+def _flops(cost: Any) -> float:
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        return sum(_flops(c) for c in cost)
+    return float((cost or {}).get("flops", 0.0))
+
+
+def peak_tflops(device: jax.Device, precision: str) -> float | None:
+    """The device's peak dense TFLOP/s at ``precision`` when it is a known GPU, else None."""
+    kind = getattr(device, "device_kind", "")
+    for name, bf16 in PEAK_TFLOPS.items():
+        if name in kind:
+            return bf16 if precision == "bf16" else bf16 / 2
+    return None
+
+
+def _peak_memory(devices: list[jax.Device]) -> int | None:
+    stats = [d.memory_stats() or {} for d in devices]
+    peaks = [s.get("peak_bytes_in_use") for s in stats]
+    return max(peaks) if all(p is not None for p in peaks) and peaks else None
+
+
+def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str = "synthetic",
+                peak: float | None = None, profile: str | None = None) -> dict[str, Any]:
+    """Time ``steps`` training steps of ``cfg`` after ``warmup`` (see the module docstring); with ``profile``,
+    then trace 5 more steps with ``jax.profiler`` into that directory."""
+    from framework.train import Trainer
+
+    if steps < 1 or warmup < 1:
+        raise ConfigError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")
+    if data not in ("synthetic", "pipeline"):
+        raise ConfigError(f"--data must be 'synthetic' or 'pipeline', got {data!r}")
+    with tempfile.TemporaryDirectory(prefix="prism-bench-") as run_dir:
+        started = time.perf_counter()
+        trainer = Trainer(cfg, run_dir)
+        build_s = time.perf_counter() - started
+        t = cfg.train
+        batches = train_iterator(trainer.train_split, global_batch=t.batch_size, host=trainer.host, seed=cfg.seed,
+                                 shuffle=cfg.loader.shuffle, workers=cfg.loader.workers, threads=cfg.loader.threads,
+                                 prefetch=cfg.loader.prefetch)
+        fixed = parallel.global_batch(trainer.mesh, next(batches))
+
+        def next_batch():
+            return fixed if data == "synthetic" else parallel.global_batch(trainer.mesh, next(batches))
+
+        started = time.perf_counter()
+        lowered = trainer.train_step.lower(trainer.state, fixed)
+        step = lowered.compile()
+        compile_s = time.perf_counter() - started
+        xla_flops = _flops(step.cost_analysis())  # backend-dependent: on GPU cuDNN convolutions count ~0
+        flops = function_flops(trainer.train_step, trainer.state, fixed)  # conv + matmul, whole global batch
+        state = trainer.state
+        for _ in range(warmup):
+            state, logs = step(state, next_batch())
+        jax.block_until_ready(logs)
+        synced = []
+        for _ in range(steps):  # each step waited for: the step time alone
+            started = time.perf_counter()
+            state, logs = step(state, next_batch())
+            jax.block_until_ready(logs)
+            synced.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(steps):  # as fit() runs: dispatch overlaps the previous step (and host loading)
+            state, logs = step(state, next_batch())
+        jax.block_until_ready(logs)
+        window_s = time.perf_counter() - started
+        loss = float(logs["train/loss"])
+        if profile:  # a few more steps under the profiler: a TensorBoard/Perfetto trace in ``profile``
+            with jax.profiler.trace(profile, create_perfetto_trace=True):
+                for _ in range(min(steps, 5)):
+                    state, logs = step(state, next_batch())
+                jax.block_until_ready(logs)
+    devices = trainer.mesh.devices.flatten().tolist()
+    step_s = statistics.median(synced)
+    peak = peak if peak is not None else peak_tflops(devices[0], cfg.precision)
+    mfu = flops / len(devices) / step_s / (peak * 1e12) if peak and flops else None
+    return {
+        "model": cfg.model.name,
+        "objective": cfg.objective.name,
+        "dataset": cfg.dataset.name,
+        "data": data,
+        "image_shape": list(trainer.info.image_shape),
+        "batch_size": t.batch_size,
+        "precision": cfg.precision,
+        "params": trainer.param_count,
+        "steps": steps,
+        "warmup": warmup,
+        "build_s": round(build_s, 3),
+        "compile_s": round(compile_s, 3),
+        "step_ms_median": step_s * 1e3,
+        "step_ms_min": min(synced) * 1e3,
+        "step_ms_max": max(synced) * 1e3,
+        "img_s_median_step": t.batch_size / step_s,
+        "img_s": steps * t.batch_size / window_s,
+        "model_tflops_per_step": flops / 1e12,
+        "xla_cost_analysis_tflops_per_device": xla_flops / 1e12,
+        "peak_tflops_per_device": peak,
+        "mfu": mfu,
+        "peak_memory_bytes": _peak_memory(devices),
+        "final_loss": loss,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+    }
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
+    mem = f", peak mem {r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else ""
+    return (f"train: {r['model']}/{r['objective']} batch={r['batch_size']} {r['precision']} {r['data']} on "
+            f"{r['devices']}x {r['device_kind']}: {r['img_s']:,.0f} img/s ({r['step_ms_median']:.1f} ms/step median), "
+            f"compile {r['compile_s']:.1f} s{mfu}{mem}")
