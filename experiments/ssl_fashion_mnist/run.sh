@@ -17,7 +17,8 @@
 #   SMOKE=1   a CPU-sized check of the whole chain (1000 training images, tiny CNN, a few steps); its records
 #             and README go to RUNS_DIR/record and RUNS_DIR/README.md instead of experiments/
 #   OUT       when set (device machines), experiments/ssl_fashion_mnist and experiments/README.md are copied there
-# Expected on one H100: a few minutes in all (see the table's wall times).
+# Budget: <= 6 minutes on one H100 (estimated ~4-5 min before the first GPU run: ~3.5 s per pre-training epoch,
+# ~20 s start-up per process; hw.txt records the measured total). EPOCHS=10 if it runs over.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
