@@ -321,7 +321,7 @@ class Trainer:
         also gets its outputs over that split."""
         task_out, objective_out, _ = self._eval_outputs(self.eval_split)
         if self.task.reference_split:
-            reference, _, _ = self._eval_outputs(self.source.split(self.task.reference_split))
+            reference, _, _ = self._eval_outputs(self.source.split(self._reference_split_name()))
             metrics = dict(self.task.summarize(task_out, reference=reference))
         else:
             metrics = dict(self.task.summarize(task_out))
@@ -331,6 +331,12 @@ class Trainer:
                               f"evaluation metric(s) {clash}")
         metrics.update({name: float(np.mean(values)) for name, values in objective_out.items()})
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def _reference_split_name(self) -> str:
+        """The task's reference split; ``"train"`` is the split this run trains on (``dataset.train_split``),
+        so a held-out evaluation slice of the same TFDS split never enters a kNN bank or a probe's data."""
+        name = self.task.reference_split
+        return self.cfg.dataset.get("train_split", "train") if name == "train" else name
 
     def render(self, directory: Path, count: int) -> list[Path]:
         """The task's pictures of its predictions for the first ``count`` evaluation examples (main host)."""
