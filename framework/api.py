@@ -91,9 +91,10 @@ class Task(ABC):
 
     Optional parts:
 
-    - ``reference_split``: a split (``"train"``) whose ``eval_outputs`` evaluation also computes and
-      passes to ``summarize(outputs, reference=...)``; for evaluations that fit something on the training
-      data first (a kNN bank, a linear probe on frozen features).
+    - ``reference_split``: a split whose ``eval_outputs`` evaluation also computes and passes to
+      ``summarize(outputs, reference=...)``; for evaluations that fit something on the training data first
+      (a kNN bank, a linear probe on frozen features). ``"train"`` means the run's training split
+      (``dataset.train_split``, e.g. ``train[:90%]`` when the rest is held out for evaluation).
     - ``describe()``: settings that say what the numbers are (``{"k": 200}``), written into result files.
     - ``render(batch, outputs, directory)``: pictures of predictions (boxes drawn, masks overlaid) for the
       first evaluation examples, written at the end of a run and by ``prism eval``.

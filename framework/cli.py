@@ -1,5 +1,5 @@
-"""The ``prism`` command: ``prism train`` (a Hydra app), ``prism eval``, ``prism predict``, ``prism list [KIND]``,
-``prism bench``.
+"""The ``prism`` command: ``train`` (a Hydra app), ``eval``, ``predict``, ``list [KIND]``, ``bench``,
+``sweep-report DIR``.
 
 Errors the user can fix (:class:`framework.errors.PrismError`) are printed as one message and exit
 with status 2; Hydra's own config errors (unknown key, wrong type) keep Hydra's message, which names
@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from framework import __version__
-from framework.errors import PrismError, UnknownNameError
+from framework.errors import ConfigError, PrismError, UnknownNameError
+from framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
 
@@ -25,32 +26,58 @@ COMMANDS = {
             "[task=...] [dataset=...] [key=value ...]",
     "predict": "predict on unlabelled images with a saved run: prism predict checkpoint=RUN_DIR "
                "input=IMAGE_OR_FOLDER [out=DIR] [step=best|latest|N] [key=value ...]",
-    "list": "list registered plugins: prism list [KIND] (kinds: model, dataset, objective, task, ...)",
+    "list": "list registered plugins: prism list [KIND [PATTERN]] [--stats] (kinds: model, dataset, objective, ...;"
+            " models show parameters and GFLOPs, --stats computes them)",
     "bench": "benchmark: prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]",
+    "sweep-report": "tabulate and plot a sweep: prism sweep-report MULTIRUN_DIR [--metric NAME] [--mode max|min] "
+                    "[--out DIR]",
 }
 
 USAGE = "usage: prism COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
-    f"  {name:<7} {text}" for name, text in COMMANDS.items()
+    f"  {name:<12} {text}" for name, text in COMMANDS.items()
 )
-
-#: Failed jobs of the current sweep (run directory, error), reported when the sweep ends.
-_failed_jobs: list[tuple[str, str]] = []
-
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"prism: error: {message}", file=sys.stderr)
     return code
 
 
-def check_group_choices(overrides: Sequence[str]) -> None:
-    """Reject ``group=NAME`` overrides naming no registered plugin or preset, with close matches.
+def check_repeated_sweep_keys(overrides: Sequence[str]) -> None:
+    """Reject a key given twice when one of its values is a sweep (``model.widths=[4],[8] model.widths=[8]``).
 
-    Hydra would also refuse them, but without suggestions; sweep lists (``model=a,b``) are checked
+    Hydra keeps the last value, so the sweep would silently run one job.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    seen: dict[str, list[tuple[str, bool]]] = {}
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:  # Hydra reports malformed overrides itself
+            continue
+        seen.setdefault(override.get_key_element().lstrip("+~"), []).append((arg, override.is_sweep_override()))
+    for key, uses in seen.items():
+        if len(uses) > 1 and any(is_sweep for _, is_sweep in uses):
+            raise ConfigError(
+                f"{key} is given {len(uses)} times ({', '.join(repr(a) for a, _ in uses)}); Hydra would keep only "
+                f"the last and not sweep. Give each key once, with all its sweep values: {key}=a,b,c")
+
+
+def check_group_choices(overrides: Sequence[str]) -> None:
+    """Reject ``group=NAME`` overrides naming no registered plugin or preset, with close matches, and a
+    sweep key given twice (:func:`check_repeated_sweep_keys`).
+
+    Hydra would also refuse unknown names, but without suggestions; sweep lists (``model=a,b``) are checked
     name by name.
     """
     from framework.config import SELECTED_KINDS, group_options
     from framework.plugins import plugin_failures
 
+    check_repeated_sweep_keys(overrides)
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -80,20 +107,24 @@ def _train_app():
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def train(cfg) -> float | None:
+        """Train one run; returns the final ``checkpoint.best_metric`` (what Hydra's sweepers optimize)."""
+        from framework.sweep import claim_devices
         from framework.train import Trainer, write_failure
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         try:
+            if multirun and cfg.parallel.devices_per_job > 0:
+                devices = claim_devices(cfg.parallel.devices_per_job, Path(hydra_cfg.sweep.dir) / ".devices")
+                log.info("job %s: CUDA_VISIBLE_DEVICES=%s", hydra_cfg.job.num, devices)
             result = Trainer(cfg, run_dir).fit()
         except Exception as exc:
             write_failure(run_dir, exc)
-            expected = isinstance(exc, PrismError)
-            if hydra_cfg.mode == RunMode.MULTIRUN:
+            if multirun:  # the other jobs go on; the sweep reports this one at the end (cmd_train)
                 log.error("job %s failed: %s: %s", run_dir, type(exc).__name__, exc)
-                _failed_jobs.append((str(run_dir), f"{type(exc).__name__}: {exc}"))
                 return None
-            if expected:
+            if isinstance(exc, PrismError):
                 raise SystemExit(_fail(str(exc))) from None
             raise
         best = cfg.checkpoint.best_metric
@@ -115,14 +146,20 @@ def cmd_train(args: list[str]) -> int:
     app = _train_app()
     saved_argv = sys.argv
     sys.argv = ["prism train", *args]
+    SweepTracker.current = None
+    code = 0
     try:
         app()
+    except SystemExit as exc:  # a single run's clean error, or Hydra reporting a launcher/sweeper error
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = saved_argv
-    if _failed_jobs:
-        lines = "\n".join(f"  {d}: {e}" for d, e in _failed_jobs)
-        return _fail(f"{len(_failed_jobs)} sweep job(s) failed:\n{lines}", code=1)
-    return 0
+    if SweepTracker.current is not None:  # a sweep ran: whatever the launcher, its directory tells
+        sweep_dir, before = SweepTracker.current
+        summary = failure_summary(sweep_dir, sweep_jobs(sweep_dir, before))
+        if summary:
+            return _fail(summary, code=code or 1)
+    return code
 
 
 EVAL_OPTIONS = ("checkpoint", "eval.step", "eval.out")
@@ -171,24 +208,65 @@ def cmd_predict(args: list[str]) -> int:
     return 0
 
 
+def _model_stats_column(names: list[str], compute: bool) -> tuple[dict[str, str], int]:
+    """``({name: "params  GFLOPs" text}, number not cached)`` for model rows; computes missing ones when asked."""
+    from framework.model_summary import cached_summary
+
+    column, missing = {}, 0
+    for name in names:
+        try:
+            if compute and cached_summary(name, compute=False) is None:
+                print(f"computing the size and cost of {name} ...", file=sys.stderr, flush=True)
+            stats = cached_summary(name, compute=compute)
+        except Exception as exc:  # one model that cannot be summarised must not hide the others
+            column[name] = f"(stats failed: {type(exc).__name__}: {exc})"
+            continue
+        if stats is None:
+            missing += 1
+            column[name] = f"{'-':>11} params {'-':>7} GFLOPs"
+        else:
+            column[name] = f"{stats['params']:>11,} params {stats['gflops']:>7.2f} GFLOPs"
+    return column, missing
+
+
 def cmd_list(args: list[str]) -> int:
+    """``prism list [KIND] [PATTERN] [--stats]``; models show parameters and GFLOPs (cached; ``--stats``
+    computes missing ones, seconds per model on a CPU)."""
     import warnings
 
     from framework.plugins import PluginImportWarning, load_plugins, plugin_failures
-    from framework.registry import REGISTRIES, registry_for
+    from framework.registry import MODELS, REGISTRIES, registry_for
 
+    stats = "--stats" in args
+    positional = [a for a in args if a != "--stats"]
+    unknown = [a for a in positional if a.startswith("-")]
+    if unknown or len(positional) > 2:
+        return _fail(f"unexpected argument {(unknown or positional[2:])[0]!r}; usage: {COMMANDS['list']}")
     with warnings.catch_warnings():  # failures are reported once, below
         warnings.simplefilter("ignore", PluginImportWarning)
         load_plugins()
-    registries = [registry_for(args[0])] if args else list(REGISTRIES.values())
+    registries = [registry_for(positional[0])] if positional else list(REGISTRIES.values())
+    if stats and registries != [MODELS]:
+        return _fail("--stats applies to models: prism list model [PATTERN] --stats")
+    pattern = positional[1] if len(positional) > 1 else None
     for registry in registries:
-        entries = registry.entries()
+        entries = [registry.get(n) for n in registry.names(pattern)]
         print(f"{registry.plural} ({len(entries)}):")
         width = max((len(e.name) for e in entries), default=0)
+        column, missing = ({}, 0)
+        if registry is MODELS and positional:
+            column, missing = _model_stats_column([e.name for e in entries], compute=stats)
         for e in entries:
-            print(f"  {e.name:<{width}}  {e.description}")
+            middle = f"{column[e.name]}  " if e.name in column else ""
+            print(f"  {e.name:<{width}}  {middle}{e.description}")
         if not entries:
-            print("  (none registered)")
+            print("  (none registered)" if pattern is None else f"  (none matching {pattern!r})")
+        if missing:
+            from framework.model_summary import STATS_FILE, cache_dir
+
+            print(f"(parameters and forward GFLOPs at the default input size of {missing} model(s) not computed "
+                  f"yet: `prism list model{' ' + pattern if pattern else ''} --stats` computes them, seconds per "
+                  f"model on a CPU, and caches them in {cache_dir() / STATS_FILE})")
     for module, error in plugin_failures().items():
         print(f"warning: plugin {module} failed to import: {error}", file=sys.stderr)
     return 0
@@ -209,6 +287,12 @@ def cmd_bench(args: list[str]) -> int:
         return _fail(str(exc), code=1)
 
 
+def cmd_sweep_report(args: list[str]) -> int:
+    from framework.sweep_report import main as report_main
+
+    return report_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -218,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prism {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list, "bench": cmd_bench}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list, "bench": cmd_bench,
+                "sweep-report": cmd_sweep_report}
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
         hint = f" Did you mean: {close[0]}?" if close else ""

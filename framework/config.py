@@ -107,10 +107,14 @@ class ParallelConfig:
     distributed: 'auto' initializes ``jax.distributed`` when the environment describes several
         processes (SLURM, or JAX_COORDINATOR_ADDRESS / PRISM_NUM_PROCESSES / PRISM_PROCESS_ID); 'on'
         always does; 'off' never does.
+    devices_per_job: in a sweep whose launcher runs several jobs at once on one machine
+        (``hydra/launcher=joblib``), give each job process its own set of this many GPUs (0: every job
+        sees all devices).
     """
 
     fsdp: int = 1
     distributed: str = "auto"
+    devices_per_job: int = 0
 
 
 @dataclass
@@ -150,13 +154,21 @@ class PrismConfig:
     precision: str = "fp32"
 
 
+#: Keys every plugin of a kind gets besides its own config fields: ``name``, and for models ``pretrained``
+#: (weights to load after initialisation, see :mod:`framework.pretrained`; '' for none).
+COMMON_FIELDS: dict[str, list[tuple[str, type, Any]]] = {"model": [("pretrained", str, "")]}
+
+
 def config_node(entry: Entry) -> type:
-    """The dataclass stored for ``entry``: its config dataclass plus a ``name`` field set to its name."""
+    """The dataclass stored for ``entry``: its config dataclass plus a ``name`` field set to its name (and the
+    kind's :data:`COMMON_FIELDS`)."""
     base = entry.config
-    fields = [("name", str, field(default=entry.name))]
+    wanted = [("name", str, entry.name), *COMMON_FIELDS.get(entry.kind, [])]
+    taken = {f.name for f in dataclasses.fields(base)} if base is not None else set()
+    fields = [(n, t, field(default=d)) for n, t, d in wanted if n not in taken]
     if base is None:
         return dataclasses.make_dataclass(f"{entry.kind}_{entry.name}_node", fields)
-    if any(f.name == "name" for f in dataclasses.fields(base)):
+    if not fields:
         return base
     return dataclasses.make_dataclass(f"{base.__name__}Node", fields, bases=(base,))
 

@@ -26,18 +26,43 @@ COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
     "JAX_COORDINATOR_ADDRESS", "PRISM_NUM_PROCESSES", "PRISM_PROCESS_ID")
 
 
+#: What ``srun`` sets in each task and JAX's SLURM detection reads; ``salloc``/``sbatch`` shells lack some of
+#: them, so a plain ``prism train`` there stays one process instead of waiting for absent peers.
+SLURM_TASK_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def _env_describes_multiprocess() -> bool:
     if int(os.environ.get(NUM_PROCESSES_ENV, "1")) > 1:
         return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    return all(v in os.environ for v in SLURM_TASK_ENV) and int(os.environ["SLURM_NTASKS"]) > 1
+
+
+def _slurm_local_device_ids() -> list[int] | None:
+    """Under SLURM with one task per node, all of the node's GPUs; otherwise None (JAX's default).
+
+    JAX's SLURM detection gives each process the single device ``SLURM_LOCALID`` (right for one task per
+    GPU, where every task sees all of the node's GPUs); with one task per node that would leave all but
+    one GPU idle.
+    """
+    if "SLURM_JOB_ID" not in os.environ or os.environ.get(NUM_PROCESSES_ENV):
+        return None
+    nodes = int(os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    if int(os.environ.get("SLURM_NTASKS", "1")) != nodes:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = len([d for d in visible.split(",") if d.strip()]) if visible else int(
+        os.environ.get("SLURM_GPUS_ON_NODE") or 0)
+    return list(range(count)) if count > 1 else None
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
     """Call ``jax.distributed.initialize()`` when asked to, or (``auto``) when the environment says so.
 
     Reads the coordinator from ``JAX_COORDINATOR_ADDRESS``/``PRISM_NUM_PROCESSES``/``PRISM_PROCESS_ID``
-    when set, otherwise lets JAX detect the cluster (SLURM, Open MPI, Kubernetes, ...). Returns whether
-    it initialized. Must run before anything touches a device.
+    when set, otherwise lets JAX detect the cluster (SLURM, Open MPI, Kubernetes, ...). Under SLURM, one
+    task per GPU (each task seeing all of the node's GPUs) or one task per node both work
+    (:func:`_slurm_local_device_ids`). Returns whether it initialized. Must run before anything touches
+    a device.
     """
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"parallel.distributed must be 'auto', 'on' or 'off', got {mode!r}")
@@ -55,6 +80,8 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
             num_processes=int(os.environ[NUM_PROCESSES_ENV]),
             process_id=int(os.environ[PROCESS_ID_ENV]),
         )
+    elif (local := _slurm_local_device_ids()) is not None:
+        kwargs = dict(local_device_ids=local)
     jax.distributed.initialize(**kwargs)
     return True
 

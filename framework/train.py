@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from framework.data import VALID_KEY, eval_batches, train_iterator
 from framework.errors import ConfigError, NonFiniteLossError
 from framework.logging import MetricLogger, plot_curves
 from framework.optim import build_optimizer, plugin_config
+from framework.pretrained import ImportReport, load_pretrained
 from framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
 
 RESULT_FILE = "result.json"
@@ -203,7 +205,30 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
             self.state_shardings)
         self.state = jax.jit(init, out_shardings=self.state_shardings)(key)
+        self.pretrained = self._load_pretrained()
         self.param_count = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+
+    def _has_checkpoint_to_resume(self) -> bool:
+        ckpt = self.cfg.checkpoint
+        directory = self.run_dir / "checkpoints"
+        return bool(ckpt.enabled and ckpt.resume and directory.is_dir()
+                    and any(p.name.isdigit() for p in directory.iterdir()))
+
+    def _load_pretrained(self) -> ImportReport | None:
+        """Fill the model with ``model.pretrained`` weights (a weight file or a prism run, see
+        :mod:`framework.pretrained`), then start the optimizer (and parameter EMA) from them."""
+        path = self.cfg.model.get("pretrained", "")
+        if not isinstance(path, str) or not path or self._has_checkpoint_to_resume():
+            return None  # a resumed run takes its weights from its own checkpoint (the file may be gone by then)
+        system = nnx.merge(self.graphdef, self.state.params, self.state.rest, copy=True)
+        report = load_pretrained(system.model, self.cfg.model.name, path)
+        _, params, rest = nnx.split(system, nnx.Param, ...)
+        params = jax.device_put(params, self.state_shardings.params)
+        rest = jax.device_put(rest, self.state_shardings.rest)
+        opt_state = jax.jit(self.optimizer.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        ema = params if self.state.ema_params is not None else None
+        self.state = self.state._replace(params=params, rest=rest, opt_state=opt_state, ema_params=ema)
+        return report
 
     def _compile_steps(self) -> None:
         cfg, info, task = self.cfg, self.info, self.task
@@ -296,7 +321,7 @@ class Trainer:
         also gets its outputs over that split."""
         task_out, objective_out, _ = self._eval_outputs(self.eval_split)
         if self.task.reference_split:
-            reference, _, _ = self._eval_outputs(self.source.split(self.task.reference_split))
+            reference, _, _ = self._eval_outputs(self.source.split(self._reference_split_name()))
             metrics = dict(self.task.summarize(task_out, reference=reference))
         else:
             metrics = dict(self.task.summarize(task_out))
@@ -306,6 +331,12 @@ class Trainer:
                               f"evaluation metric(s) {clash}")
         metrics.update({name: float(np.mean(values)) for name, values in objective_out.items()})
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def _reference_split_name(self) -> str:
+        """The task's reference split; ``"train"`` is the split this run trains on (``dataset.train_split``),
+        so a held-out evaluation slice of the same TFDS split never enters a kNN bank or a probe's data."""
+        name = self.task.reference_split
+        return self.cfg.dataset.get("train_split", "train") if name == "train" else name
 
     def render(self, directory: Path, count: int) -> list[Path]:
         """The task's pictures of its predictions for the first ``count`` evaluation examples (main host)."""
@@ -368,6 +399,8 @@ class Trainer:
                               progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
         if start:
             logger.message(f"resumed from the checkpoint at step {start} in {self.checkpointer.directory}")
+        elif self.pretrained is not None:
+            logger.message(self.pretrained.summary())
         status, step, eval_metrics, last_logged = "completed", start, {}, {}
         if start >= self.micro_steps:  # a finished run: report its final evaluation again
             eval_metrics = self.evaluate()
@@ -410,7 +443,11 @@ class Trainer:
             "params": self.param_count,
             "devices": jax.device_count(),
             "processes": jax.process_count(),
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
+        if self.pretrained is not None:
+            result["pretrained"] = {"path": self.pretrained.path, "loaded": self.pretrained.loaded,
+                                    "head_skipped": self.pretrained.head_skipped}
         if status == "completed":
             self.render(self.run_dir / PREDICTIONS_DIR, cfg.logging.render)
         if self.is_main:

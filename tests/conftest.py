@@ -13,6 +13,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Datasets prepared by the tests (TFDS array_record files) go here, not into ~/tensorflow_datasets.
 os.environ.setdefault("PRISM_DATA_DIR", os.path.join(os.path.dirname(_CACHE), "tensorflow_datasets"))
+# `prism list model --stats` caches model sizes here, not in the user's ~/.cache/prism.
+os.environ.setdefault("PRISM_CACHE_DIR", os.path.join(os.path.dirname(_CACHE), "prism"))
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

@@ -116,7 +116,8 @@ def test_broken_plugin_is_reported_and_others_still_load(broken_env, tmp_path):
     proc = run_prism("list", "model", cwd=tmp_path, env=broken_env)
 
     assert proc.returncode == 0, proc.stderr
-    listed = dict(re.findall(r"^  (\S+)\s+(.*)$", proc.stdout, re.MULTILINE))
+    # rows: name, [parameters, GFLOPs (cached or "-", see test_model_stats.py),] description
+    listed = dict(re.findall(r"^  (\S+)\s+(?:\S+ params\s+\S+ GFLOPs  )?(.*)$", proc.stdout, re.MULTILINE))
     assert "simple_cnn" in listed  # built-ins still load
     assert listed.get("entry_point_net") == "Registered by an entry-point callable."  # so do other entry points
     assert "broken_net" not in listed

@@ -46,7 +46,8 @@ def test_list_shows_the_installed_model(plugin_env, tmp_path):
     proc = run_prism("list", "model", cwd=tmp_path, env=plugin_env)
 
     assert proc.returncode == 0, proc.stderr
-    description = re.search(r"^  tiny_mlp\s+(.*)$", proc.stdout, re.MULTILINE)
+    # name, [parameters, GFLOPs (cached or "-", see test_model_stats.py),] description
+    description = re.search(r"^  tiny_mlp\s+(?:\S+ params\s+\S+ GFLOPs  )?(.*)$", proc.stdout, re.MULTILINE)
     assert description and description[1] == "Two-layer perceptron on flattened pixels.", proc.stdout
     assert re.search(r"^  simple_cnn\s", proc.stdout, re.MULTILINE)
     assert "failed to import" not in proc.stderr
@@ -66,7 +67,8 @@ def test_train_the_installed_model(plugin_env, tmp_path):
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert saved.model.name == "tiny_mlp"
     assert saved.model.hidden == 16
-    assert set(saved.model) == {"name", "hidden"}  # the plugin's dataclass is the whole model schema
+    # the plugin's dataclass is the whole model schema, plus the keys every model has (framework.config.COMMON_FIELDS)
+    assert set(saved.model) == {"name", "pretrained", "hidden"}
 
 
 def test_unknown_key_of_the_plugin_config_is_rejected(plugin_env, tmp_path):

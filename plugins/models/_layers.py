@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.conv import conv_general_dilated
 
 #: torchvision BatchNorm defaults: eps 1e-5, PyTorch momentum 0.1 = flax momentum 0.9.
 BN_EPS = 1e-5
@@ -40,11 +41,13 @@ def num_classes_of(cfg_num_classes: int, data: DataInfo) -> int:
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1, padding: int | None = None,
          groups: int = 1, bias: bool = False, kernel_init=kaiming_normal_fan_out, bias_init=zeros) -> nnx.Conv:
-    """A square conv with PyTorch semantics: symmetric ``padding`` (default ``kernel // 2``), ``groups``."""
+    """A square conv with PyTorch semantics: symmetric ``padding`` (default ``kernel // 2``), ``groups``.
+
+    It computes through :func:`framework.conv.conv_general_dilated` (on CPU, a matmul weight gradient)."""
     p = kernel // 2 if padding is None else padding
     return nnx.Conv(in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                     feature_group_count=groups, use_bias=bias, kernel_init=kernel_init, bias_init=bias_init,
-                    rngs=rngs)
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def batch_norm(channels: int, *, rngs: nnx.Rngs, zero_init: bool = False) -> nnx.BatchNorm:

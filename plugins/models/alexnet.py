@@ -10,6 +10,7 @@ from flax import nnx
 from framework.api import DataInfo
 from framework.registry import MODELS
 from plugins.models._layers import adaptive_avg_pool, conv, linear, max_pool, num_classes_of, torch_default
+from plugins.models._torch_import import TorchRules, nchw_flatten_linear
 
 #: (out channels, kernel, stride, padding, max-pool after) of the five convs (torchvision.models.alexnet).
 CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (256, 3, 1, 1, False),
@@ -65,7 +66,18 @@ class AlexNet(nnx.Module):
         return self.head(self.features(x))
 
 
-@MODELS.register("alexnet", config=AlexNetConfig, default_image_shape=(224, 224, 3),
+def torch_rules(model: AlexNet) -> list:
+    """torchvision ``alexnet`` state-dict names: ``features.0/3/6/8/10``, ``classifier.1/4/6``; the first FC
+    layer's rows are permuted from torch's NCHW flatten to our NHWC one."""
+    rules = TorchRules(model)
+    for k, index in enumerate((0, 3, 6, 8, 10)):
+        rules.add(f"convs.{k}", f"features.{index}")
+    channels = model.convs[-1].out_features
+    rules.add("fc1", "classifier.1", kernel_transform=nchw_flatten_linear(channels, 6, 6))
+    return rules.add("fc2", "classifier.4").add("head", "classifier.6").rules
+
+
+@MODELS.register("alexnet", config=AlexNetConfig, default_image_shape=(224, 224, 3), torch_weights=torch_rules,
                  description="AlexNet (torchvision layout, adaptive 6x6 average pool, any input size >= 63 px).")
 def build_alexnet(cfg: AlexNetConfig, *, data: DataInfo, rngs: nnx.Rngs) -> AlexNet:
     return AlexNet(cfg, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import jax
@@ -19,6 +20,7 @@ from plugins.models._layers import (
     max_pool,
     num_classes_of,
 )
+from plugins.models._torch_import import TorchRules
 
 
 @dataclass
@@ -107,7 +109,33 @@ class DenseNet(nnx.Module):
         return self.head(self.features(x))
 
 
-@MODELS.register("densenet121", config=DenseNetConfig, default_image_shape=(224, 224, 3),
+#: torchvision's original DenseNet files name ``denselayer1.norm.1``, ``conv.2``; its loader renames them too.
+_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def torch_rename(key: str) -> str:
+    """``...denselayer1.norm.1.weight`` (torchvision's published densenet files) -> ``...denselayer1.norm1.weight``."""
+    match = _LEGACY.match(key)
+    return match[1] + match[2] if match else key
+
+
+def torch_rules(model: DenseNet) -> list:
+    """torchvision ``densenet*`` state-dict names (``features.denseblock1.denselayer1.norm1``,
+    ``features.transition1.conv``, ``features.norm5``, ``classifier``)."""
+    rules = TorchRules(model).add("conv0", "features.conv0").add("norm0", "features.norm0")
+    for i, block in enumerate(model.blocks):
+        for j in range(len(block)):
+            theirs = f"features.denseblock{i + 1}.denselayer{j + 1}"
+            for part in ("norm1", "conv1", "norm2", "conv2"):
+                rules.add(f"blocks.{i}.{j}.{part}", f"{theirs}.{part}")
+        if i < len(model.transitions):
+            rules.add(f"transitions.{i}.norm", f"features.transition{i + 1}.norm")
+            rules.add(f"transitions.{i}.conv", f"features.transition{i + 1}.conv")
+    return rules.add("norm5", "features.norm5").add("head", "classifier").rules
+
+
+@MODELS.register("densenet121", config=DenseNetConfig, default_image_shape=(224, 224, 3), torch_weights=torch_rules,
+                 torch_rename=torch_rename,
                  description="DenseNet-121 (torchvision layout: growth 32, blocks 6-12-24-16, bn_size 4, "
                              "compression 0.5).")
 def build_densenet(cfg: DenseNetConfig, *, data: DataInfo, rngs: nnx.Rngs) -> DenseNet:

@@ -10,6 +10,7 @@ from flax import nnx
 from framework.api import DataInfo
 from framework.registry import MODELS
 from plugins.models._layers import batch_norm, conv, linear, num_classes_of
+from plugins.models._torch_import import TorchRules
 
 #: (expansion t, output channels c, repeats n, first stride s), torchvision.models.mobilenetv2.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -98,7 +99,23 @@ class MobileNetV2(nnx.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-@MODELS.register("mobilenet_v2", config=MobileNetV2Config, default_image_shape=(224, 224, 3),
+def torch_rules(model: MobileNetV2) -> list:
+    """torchvision ``mobilenet_v2`` state-dict names: ``features.0`` stem, ``features.1..17`` inverted residuals
+    (``conv.0`` [expand], then depthwise, project conv and its BN numbered on), ``features.18`` last conv,
+    ``classifier.1``."""
+    rules = TorchRules(model).add("stem.conv", "features.0.0").add("stem.bn", "features.0.1")
+    for k, block in enumerate(model.blocks):
+        ours, theirs, index = f"blocks.{k}", f"features.{k + 1}.conv", 0
+        if block.expand is not None:
+            rules.add(f"{ours}.expand.conv", f"{theirs}.0.0").add(f"{ours}.expand.bn", f"{theirs}.0.1")
+            index = 1
+        rules.add(f"{ours}.depthwise.conv", f"{theirs}.{index}.0").add(f"{ours}.depthwise.bn", f"{theirs}.{index}.1")
+        rules.add(f"{ours}.project", f"{theirs}.{index + 1}").add(f"{ours}.project_bn", f"{theirs}.{index + 2}")
+    last = f"features.{len(model.blocks) + 1}"
+    return rules.add("last.conv", f"{last}.0").add("last.bn", f"{last}.1").add("head", "classifier.1").rules
+
+
+@MODELS.register("mobilenet_v2", config=MobileNetV2Config, default_image_shape=(224, 224, 3), torch_weights=torch_rules,
                  description="MobileNetV2 (torchvision layout; width_mult with channels rounded to multiples of 8).")
 def build_mobilenet_v2(cfg: MobileNetV2Config, *, data: DataInfo, rngs: nnx.Rngs) -> MobileNetV2:
     return MobileNetV2(cfg, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)

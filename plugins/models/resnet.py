@@ -11,6 +11,7 @@ from flax import nnx
 from framework.api import DataInfo
 from framework.registry import MODELS
 from plugins.models._layers import batch_norm, conv, linear, max_pool, num_classes_of
+from plugins.models._torch_import import TorchRules
 
 #: depth -> (block type, blocks per stage), as torchvision.models.resnet.
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -135,6 +136,20 @@ class ResNet(nnx.Module):
         return self.head(self.features(x))
 
 
+def torch_rules(model: ResNet) -> list:
+    """torchvision ``resnet*`` state-dict names (``layer1.0.conv1``, ``downsample.0``/``.1``, ``fc``)."""
+    rules = TorchRules(model).add("conv1", "conv1").add("bn1", "bn1")
+    for i, stage in enumerate(model.stages):
+        for j, blk in enumerate(stage):
+            ours, theirs = f"stages.{i}.{j}", f"layer{i + 1}.{j}"
+            for n in (1, 2, 3) if isinstance(blk, Bottleneck) else (1, 2):
+                rules.add(f"{ours}.conv{n}", f"{theirs}.conv{n}").add(f"{ours}.bn{n}", f"{theirs}.bn{n}")
+            if blk.downsample is not None:
+                rules.add(f"{ours}.downsample.conv", f"{theirs}.downsample.0")
+                rules.add(f"{ours}.downsample.bn", f"{theirs}.downsample.1")
+    return rules.add("head", "fc").rules
+
+
 def build_resnet(cfg: ResNetConfig, *, data: DataInfo, rngs: nnx.Rngs) -> ResNet:
     return ResNet(cfg, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)
 
@@ -177,6 +192,6 @@ class ResNet152Config(ResNetConfig):
 for _config in (ResNet18Config, ResNet34Config, ResNet50Config, ResNet101Config, ResNet152Config):
     _depth = _config.depth
     _block = "BasicBlock" if DEPTHS[_depth][0] == "basic" else "Bottleneck"
-    MODELS.register(f"resnet{_depth}", config=_config, default_image_shape=(224, 224, 3),
+    MODELS.register(f"resnet{_depth}", config=_config, default_image_shape=(224, 224, 3), torch_weights=torch_rules,
                     description=f"ResNet-{_depth} ({_block}; torchvision v1.5 layout; stem imagenet|cifar).")(
         build_resnet)

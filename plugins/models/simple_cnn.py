@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.conv import conv_general_dilated
 from framework.registry import MODELS
 
 
@@ -32,7 +33,8 @@ class SimpleCNN(nnx.Module):
     def __init__(self, cfg: SimpleCNNConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         convs, norms, channels = [], [], in_channels
         for width in cfg.widths:
-            convs.append(nnx.Conv(channels, width, kernel_size=(3, 3), use_bias=False, rngs=rngs))
+            convs.append(nnx.Conv(channels, width, kernel_size=(3, 3), use_bias=False,
+                                   conv_general_dilated=conv_general_dilated, rngs=rngs))
             norms.append(nnx.BatchNorm(width, rngs=rngs))
             channels = width
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)

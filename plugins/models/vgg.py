@@ -18,6 +18,7 @@ from plugins.models._layers import (
     max_pool,
     num_classes_of,
 )
+from plugins.models._torch_import import TorchRules, nchw_flatten_linear
 
 #: depth -> conv widths, "M" = 2x2 max-pool (torchvision configurations "A" and "D").
 LAYOUTS = {
@@ -89,6 +90,20 @@ class VGG(nnx.Module):
         return self.head(self.features(x))
 
 
+def torch_rules(model: VGG) -> list:
+    """torchvision ``vgg*`` state-dict names: ``features.N`` numbered over conv[, BN], ReLU and max-pool layers;
+    ``classifier.0/3/6``. The first FC layer's rows are permuted from torch's NCHW flatten to our NHWC one."""
+    rules, index = TorchRules(model), 0
+    for k, (norm, pool) in enumerate(zip(model.norms, model.pool_after, strict=True)):
+        rules.add(f"convs.{k}", f"features.{index}")
+        if norm is not None:
+            rules.add(f"norms.{k}", f"features.{index + 1}")
+        index += (3 if norm is not None else 2) + int(pool)
+    channels = model.convs[-1].out_features
+    rules.add("fc1", "classifier.0", kernel_transform=nchw_flatten_linear(channels, 7, 7))
+    return rules.add("fc2", "classifier.3").add("head", "classifier.6").rules
+
+
 def build_vgg(cfg: VGGConfig, *, data: DataInfo, rngs: nnx.Rngs) -> VGG:
     return VGG(cfg, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)
 
@@ -126,6 +141,6 @@ class VGG16BNConfig(VGGConfig):
 for _name, _config in (("vgg11", VGG11Config), ("vgg11_bn", VGG11BNConfig), ("vgg16", VGG16Config),
                        ("vgg16_bn", VGG16BNConfig)):
     _bn = " with BatchNorm" if _config.batch_norm else ""
-    MODELS.register(_name, config=_config, default_image_shape=(224, 224, 3),
+    MODELS.register(_name, config=_config, default_image_shape=(224, 224, 3), torch_weights=torch_rules,
                     description=f"VGG-{_config.depth}{_bn} (torchvision layout, adaptive 7x7 pool, 4096-4096 FC).")(
         build_vgg)

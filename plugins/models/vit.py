@@ -12,8 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.conv import conv_general_dilated
 from framework.registry import MODELS
 from plugins.models._layers import num_classes_of, torch_default, zeros
+from plugins.models._torch_import import TorchRules
 
 LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 _trunc_normal = nnx.initializers.truncated_normal(0.02)  # timm's Linear / pos-embed init (std 0.02)
@@ -134,7 +136,8 @@ class VisionTransformer(nnx.Module):
         self.patch_size = p
         self.grid = image_size // p
         self.patch_embed = nnx.Conv(in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
-                                    kernel_init=torch_default, bias_init=zeros, rngs=rngs)
+                                    kernel_init=torch_default, bias_init=zeros,
+                                    conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.cls_token = nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, d)))
         self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.grid**2 + 1, d)))
         self.pos_drop = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -168,6 +171,19 @@ class VisionTransformer(nnx.Module):
         return self.head(self.features(x))
 
 
+def torch_rules(model: VisionTransformer) -> list:
+    """timm ``vit_*_patch16_224`` state-dict names (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+    ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``head``); timm's fused qkv has our
+    (3, heads, head_dim) output order."""
+    rules = TorchRules(model).add("patch_embed", "patch_embed.proj").add("cls_token", "cls_token")
+    rules.add("pos_embed", "pos_embed")
+    for k in range(len(model.blocks)):
+        for ours, theirs in (("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                             ("norm2", "norm2"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+            rules.add(f"blocks.{k}.{ours}", f"blocks.{k}.{theirs}")
+    return rules.add("norm", "norm").add("head", "head").rules
+
+
 def build_vit(cfg: ViTConfig, *, data: DataInfo, rngs: nnx.Rngs) -> VisionTransformer:
     image_size = cfg.image_size or data.image_shape[0]
     return VisionTransformer(cfg, image_size, data.image_shape[-1], num_classes_of(cfg.num_classes, data), rngs=rngs)
@@ -199,6 +215,6 @@ class ViTBase16Config(ViTConfig):
 
 for _name, _label, _config in (("vit_ti16", "ViT-Ti/16", ViTTiny16Config), ("vit_s16", "ViT-S/16", ViTSmall16Config),
                                ("vit_b16", "ViT-B/16", ViTBase16Config)):
-    MODELS.register(_name, config=_config, default_image_shape=(224, 224, 3),
+    MODELS.register(_name, config=_config, default_image_shape=(224, 224, 3), torch_weights=torch_rules,
                     description=f"{_label} (timm vit_*_patch16_224 layout; patch_size and image_size configurable).")(
         build_vit)

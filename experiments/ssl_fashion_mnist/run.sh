@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Self-supervised pre-training on Fashion-MNIST, evaluated offline, and the table in experiments/README.md.
+#
+#   1. SimCLR and BYOL pre-training: prism train +experiment=simclr_fashion_mnist / byol_fashion_mnist
+#   2. for each run: linear probe and weighted kNN on its frozen backbone at the last step (prism eval
+#      eval.step=latest task=linear_probe|knn; not the checkpoint chosen by the online probe's test accuracy)
+#   3. the baseline: the same probe and kNN on the same architecture with the SimCLR run's initial weights,
+#      untrained (prism eval eval.step=init; BYOL's run starts from the same backbone weights: same seed)
+#   4. experiments/ssl_table.py: copies the runs' small files to experiments/ssl_fashion_mnist/<run>/ and
+#      writes the table between the ssl-table markers of experiments/README.md
+#
+# Usage, from anywhere:   bash experiments/ssl_fashion_mnist/run.sh [RUNS_DIR]
+#   RUNS_DIR  where the runs (with checkpoints) go; default outputs/ssl_fashion_mnist
+#   DATA      folder of the four Fashion-MNIST idx .gz files; default /usr/share/datasets/fashion-mnist
+#   PYTHON    interpreter with prism's dependencies; default python3
+#   EPOCHS    pre-training epochs instead of the presets' (train.epochs)
+#   SMOKE=1   a CPU-sized check of the whole chain (1000 training images, tiny CNN, a few steps); its records
+#             and README go to RUNS_DIR/record and RUNS_DIR/README.md instead of experiments/
+#   OUT       when set (device machines), experiments/ssl_fashion_mnist and experiments/README.md are copied there
+# Budget: <= 6 minutes on one H100 (estimated ~4-5 min before the first GPU run: ~3.5 s per pre-training epoch,
+# ~20 s start-up per process; hw.txt records the measured total). EPOCHS=10 if it runs over.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+RUNS=${1:-outputs/ssl_fashion_mnist}
+DATA=${DATA:-/usr/share/datasets/fashion-mnist}
+PY=${PYTHON:-python3}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$RUNS/.jax_cache}
+mkdir -p "$RUNS"
+
+TRAIN_EXTRA=() EVAL_EXTRA=() RECORD=experiments/ssl_fashion_mnist README=experiments/README.md
+if [ "${SMOKE:-0}" = 1 ]; then
+  TRAIN_EXTRA=(train.steps=8 train.batch_size=32 train.eval_batch_size=100 "model.widths=[8,16]"
+               objective.proj_hidden_dim=32 objective.proj_output_dim=16 "dataset.train_split='train[:1000]'"
+               "dataset.eval_split='test[:300]'" dataset.cache=false logging.tensorboard=false logging.plots=false)
+  EVAL_EXTRA=(task.epochs=5)
+  RECORD=$RUNS/record README=$RUNS/README.md
+fi
+
+started=$(date +%s)
+for method in simclr byol; do
+  extra=("${TRAIN_EXTRA[@]}")
+  if [ "${SMOKE:-0}" = 1 ] && [ $method = byol ]; then extra+=(objective.pred_hidden_dim=32); fi
+  $PY -m framework train +experiment=${method}_fashion_mnist dataset.path="$DATA" logging.progress=false ${EPOCHS:+train.epochs=$EPOCHS} \
+      "${extra[@]}" hydra.run.dir="$RUNS/$method"
+done
+for method in simclr byol; do
+  for task in linear_probe knn; do
+    probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
+    $PY -m framework eval checkpoint="$RUNS/$method" eval.step=latest task=$task "${probe_extra[@]}" \
+        eval.out="$RUNS/$method/eval/$task"
+  done
+done
+for task in linear_probe knn; do
+  probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
+  $PY -m framework eval checkpoint="$RUNS/simclr" eval.step=init task=$task "${probe_extra[@]}" \
+      eval.out="$RUNS/simclr/eval/$task-init"
+done
+
+{
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=count,name,driver_version --format=csv,noheader | head -1
+  else
+    echo "CPU only, $(nproc) cores"
+  fi
+  $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  echo "whole script (2 pre-trainings, 6 evaluations, start-ups included): $(( $(date +%s) - started )) s"
+} > "$RUNS/hw.txt"
+$PY experiments/ssl_table.py "$RUNS/simclr" "$RUNS/byol" --record "$RECORD" --hardware "$RUNS/hw.txt" --write "$README"
+cat "$RUNS/hw.txt"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/experiments" && cp -r "$RECORD" "$README" "$OUT/experiments/"
+fi
