@@ -223,6 +223,24 @@ def test_render_draws_prediction_beside_ground_truth(tmp_path):
     np.testing.assert_array_equal(right, want_right)
 
 
+def test_predict_outputs_and_render_without_ground_truth(tmp_path):
+    """``prism predict`` path: class maps of unlabelled images, drawn without a ground-truth panel."""
+    from flax import nnx
+
+    from framework.api import DataInfo
+
+    task = TASKS.build("segmentation", SegmentationConfig(overlay_alpha=0.5),
+                       data=DataInfo(num_classes=3, image_shape=(6, 6, 1)))
+    model = nnx.Conv(1, 3, kernel_size=(1, 1), rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(1), (2, 6, 6, 1))
+    prediction = np.asarray(task.predict_outputs(model, {"image": images})["prediction"])
+    np.testing.assert_array_equal(prediction, np.asarray(model(images)).argmax(-1))
+    paths = task.render({"image": (np.asarray(images) * 255).astype(np.uint8)}, {"prediction": prediction},
+                        tmp_path / "predict")
+    png = np.asarray(Image.open(paths[0]).convert("RGB"))
+    assert png.shape == (14 + 6 * (128 // 6), 6 * (128 // 6), 3)  # one panel: no ground truth to show
+
+
 # -- bad mask folders ---------------------------------------------------------------------------------------
 def test_mask_of_other_size_fails_or_is_skipped_by_config(tmp_path, caplog):
     root = tmp_path / "seg"

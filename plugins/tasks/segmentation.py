@@ -93,6 +93,11 @@ class Segmentation(Task):
             "prediction": prediction.astype(jnp.uint8 if self.num_classes <= 256 else jnp.int32),
         }
 
+    def predict_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+        """The predicted class map of unlabelled images (``prism predict``)."""
+        prediction = model(batch["image"]).astype(jnp.float32).argmax(-1)
+        return {"prediction": prediction.astype(jnp.uint8 if self.num_classes <= 256 else jnp.int32)}
+
     def summarize(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None = None
                   ) -> dict[str, float]:
         metrics = summarize_confusion(outputs["confusion"], self.class_names)
@@ -117,11 +122,12 @@ class Segmentation(Task):
             image = _as_rgb_uint8(batch["image"][i])
             top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
             image = image[top:top + h, left:left + w]
-            truth = np.asarray(center_crop_to(np.asarray(batch["mask"][i]), h, w))
-            panels = [overlay(image, prediction.astype(np.int64), colours, self.alpha),
-                      overlay(image, truth.astype(np.int64), colours, self.alpha)]
-            gap = np.full((h, max(2, w // 64), 3), 255, np.uint8)
-            canvas = Image.fromarray(np.concatenate([panels[0], gap, panels[1]], axis=1))
+            panels = [overlay(image, prediction.astype(np.int64), colours, self.alpha)]
+            if "mask" in batch:  # evaluation: ground truth beside; prism predict: the prediction alone
+                truth = np.asarray(center_crop_to(np.asarray(batch["mask"][i]), h, w))
+                gap = np.full((h, max(2, w // 64), 3), 255, np.uint8)
+                panels += [gap, overlay(image, truth.astype(np.int64), colours, self.alpha)]
+            canvas = Image.fromarray(np.concatenate(panels, axis=1))
             scale = max(1, 128 // max(h, 1))
             if scale > 1:
                 canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
@@ -129,7 +135,8 @@ class Segmentation(Task):
             captioned.paste(canvas, (0, 14))
             draw = ImageDraw.Draw(captioned)
             draw.text((2, 1), "prediction", fill="black")
-            draw.text((canvas.width // 2 + 2, 1), "ground truth", fill="black")
+            if len(panels) > 1:
+                draw.text((canvas.width // 2 + 2, 1), "ground truth", fill="black")
             path = directory / f"{i:03d}.png"
             captioned.save(path)
             paths.append(path)
