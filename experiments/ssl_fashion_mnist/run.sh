@@ -14,6 +14,7 @@
 #   DATA      folder of the four Fashion-MNIST idx .gz files; default /usr/share/datasets/fashion-mnist
 #   PYTHON    interpreter with prism's dependencies; default python3
 #   EPOCHS    pre-training epochs instead of the presets' (train.epochs)
+#   EXTRA     more pre-training overrides, space-separated (e.g. "model=resnet18 model.stem=cifar")
 #   SMOKE=1   a CPU-sized check of the whole chain (1000 training images, tiny CNN, a few steps); its records
 #             and README go to RUNS_DIR/record and RUNS_DIR/README.md instead of experiments/
 #   OUT       when set (device machines), experiments/ssl_fashion_mnist and experiments/README.md are copied there
@@ -40,6 +41,7 @@ fi
 started=$(date +%s)
 for method in simclr byol; do
   extra=("${TRAIN_EXTRA[@]}")
+  if [ -n "${EXTRA:-}" ]; then read -r -a more <<< "$EXTRA"; extra+=("${more[@]}"); fi
   if [ "${SMOKE:-0}" = 1 ] && [ $method = byol ]; then extra+=(objective.pred_hidden_dim=32); fi
   $PY -m framework train +experiment=${method}_fashion_mnist dataset.path="$DATA" logging.progress=false ${EPOCHS:+train.epochs=$EPOCHS} \
       "${extra[@]}" hydra.run.dir="$RUNS/$method"
