@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from framework.checkpoint import Checkpointer
 from framework.config import SELECTED_KINDS, CheckpointConfig, compose
@@ -53,8 +54,10 @@ def _parse(overrides: Sequence[str]) -> tuple[dict[str, str], list[tuple[str, An
         if o.is_delete() or o.is_add() or o.is_force_add() or o.is_sweep_override():
             raise ConfigError(f"override '{o.input_line}': prism eval takes plain key=value overrides (no +, ~, "
                               f"++ or sweeps)")
-        key = o.key_or_group
-        (groups.__setitem__(key, o.value()) if key in SELECTED_KINDS else values.append((key, o.value())))
+        if o.key_or_group in SELECTED_KINDS:
+            groups[o.key_or_group] = o.value()
+        else:
+            values.append((o.key_or_group, o.value()))
     return groups, values
 
 
@@ -72,7 +75,10 @@ def run_config(saved: dict, overrides: Sequence[str] = ()) -> DictConfig:
     for key, value in values:
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"unknown config key {key!r} in override '{key}={value}'")
-        OmegaConf.update(cfg, key, value, merge=True)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as exc:  # wrong type or value: say which override
+            raise ConfigError(f"override '{key}={value}': {str(exc).splitlines()[0]}") from exc
     with open_dict(cfg):  # evaluation never trains, and must never touch the run's checkpoints
         cfg.checkpoint.enabled = False
     return cfg

@@ -71,6 +71,8 @@ def test_run_config_restores_the_saved_values_typed(saved_run):
     assert cfg.checkpoint.enabled is False
     with pytest.raises(ConfigError, match="train.no_such_key"):
         run_config(config, ["train.no_such_key=1"])
+    with pytest.raises(ConfigError, match=r"train.batch_size=abc.*could not be converted to Integer"):
+        run_config(config, ["train.batch_size=abc"])
     with pytest.raises(ConfigError, match=r"\+"):
         run_config(config, ["+train.extra=1"])
 

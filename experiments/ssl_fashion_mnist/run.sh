@@ -14,7 +14,8 @@
 #   DATA      folder of the four Fashion-MNIST idx .gz files; default /usr/share/datasets/fashion-mnist
 #   PYTHON    interpreter with prism's dependencies; default python3
 #   EPOCHS    pre-training epochs instead of the presets' (train.epochs)
-#   EXTRA     more pre-training overrides, space-separated (e.g. "model=resnet18 model.stem=cifar")
+#   EXTRA     more pre-training overrides of the presets' keys, space-separated (e.g. "model.widths=[64,128,256]";
+#             another model needs its own preset: the presets set simple_cnn's model.widths)
 #   SMOKE=1   a CPU-sized check of the whole chain (1000 training images, tiny CNN, a few steps); its records
 #             and README go to RUNS_DIR/record and RUNS_DIR/README.md instead of experiments/
 #   OUT       when set (device machines), experiments/ssl_fashion_mnist and experiments/README.md are copied there
