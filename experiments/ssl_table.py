@@ -5,12 +5,15 @@
 Each RUN_DIR is a ``prism train`` run of an SSL objective whose ``eval/`` folder holds ``prism eval``
 results (``task=linear_probe`` and ``task=knn``, at the run's checkpoint and, for the baseline, at
 ``eval.step=init``: the same architecture and seed, untrained). One row per pre-trained run plus one per
-run evaluated at ``init``; numbers come from the ``result.json`` files, nothing is typed by hand.
+run evaluated at ``init``; numbers come from the ``result.json`` files, nothing is typed by hand. Runs with
+different backbones share the table; each pre-trained run is compared with the baseline of its own backbone.
+A RUN_DIR may be an earlier record (``DIR/<run name>``, without checkpoints): it is read in place.
 
 --record DIR   copy the small files of each run (result.json, metrics.jsonl, .hydra/*.yaml, eval/*/result.json
                and config.yaml; not the checkpoints) into DIR/<run name>/ and build the table from the copies,
                so that the table's links point into the repository.
---hardware F   a text file describing the machine (copied to DIR/hw.txt with --record; shown under the table).
+--hardware F   a text file describing the machine the given runs ran on (copied to each recorded run as hw.txt;
+               a run's own hw.txt is shown under the table, grouped by backbone).
 --write FILE   replace the section between ``<!-- ssl-table:begin -->`` and ``<!-- ssl-table:end -->`` in FILE
                (appended when absent); without it the section is printed.
 """
@@ -51,6 +54,8 @@ def _yaml(path: Path) -> dict | list | None:
 def record(run_dir: Path, into: Path) -> Path:
     """Copy the small files of ``run_dir`` (not its checkpoints) to ``into/<run name>``; returns the copy."""
     target = into / run_dir.name
+    if target.resolve() == run_dir.resolve():  # already a record (a run of an earlier session): keep it
+        return target
     files = [run_dir / f for f in SMALL_FILES if (run_dir / f).is_file()]
     files += sorted(p for p in (run_dir / "eval").glob("*/*") if p.name in ("result.json", "config.yaml"))
     for f in files:
@@ -104,7 +109,8 @@ def rows(run_dir: Path, link: str) -> list[dict]:
     train = config["train"]
     epochs = f"{train['epochs']:g} epochs" if not train.get("steps") else f"{train['steps']} steps"
     model = config["model"]
-    arch = model["name"] + (f" {'-'.join(map(str, model['widths']))}" if model.get("widths") else "")
+    arch = model["name"] + (f" {'-'.join(map(str, model['widths']))}" if model.get("widths") else "") + (
+        f" ({model['stem']} stem)" if model.get("stem") else "")
     out = []
     for at_init in (False, True):
         probe, knn = evals.get(("linear_probe", at_init)), evals.get(("knn", at_init))
@@ -127,11 +133,17 @@ def rows(run_dir: Path, link: str) -> list[dict]:
             "commands": ([] if at_init else [train_command(run_dir, config)])
             + [eval_command(run_dir.name, e[1]) for e in (probe, knn) if e],
             "at_init": at_init,
+            "hardware": _hardware(run_dir),
         })
     return out
 
 
-def render(all_rows: list[dict], hardware: str | None) -> str:
+def _hardware(run_dir: Path) -> str | None:
+    path = run_dir / "hw.txt"
+    return path.read_text().strip().replace("\n", "; ") if path.is_file() else None
+
+
+def render(all_rows: list[dict]) -> str:
     lines = [BEGIN, "<!-- written by experiments/ssl_table.py from the runs' result.json files; do not edit -->", "",
              "| method | backbone | pre-training | linear probe top-1 | kNN top-1 | online probe top-1 | "
              "pre-train wall | eval wall (probe + kNN) | commands |",
@@ -147,17 +159,19 @@ def render(all_rows: list[dict], hardware: str | None) -> str:
                 "probe_weight_decay", "standardize")
         lines += ["", "Offline evaluation settings (from the results' `task_settings`): "
                   + ", ".join(f"{k}={settings[k]}" for k in keys if k in settings) + "."]
-    baselines = [r for r in all_rows if r["at_init"]]
-    if baselines:
-        base = baselines[0]
-        complete = lambda r: None not in (r["probe"], r["knn"])  # noqa: E731
+    archs = list(dict.fromkeys(r["arch"] for r in all_rows))
+    complete = lambda r: None not in (r["probe"], r["knn"])  # noqa: E731
+    for arch in archs:
+        group = [r for r in all_rows if r["arch"] == arch]
+        base = next((r for r in group if r["at_init"] and complete(r)), None)
         gains = [f"{r['method']} {100 * (r['probe'] - base['probe']):+.2f} (linear probe), "
                  f"{100 * (r['knn'] - base['knn']):+.2f} (kNN)"
-                 for r in all_rows if not r["at_init"] and complete(r) and complete(base)]
+                 for r in group if base is not None and not r["at_init"] and complete(r)]
         if gains:
-            lines += ["", "Points gained over the random-init baseline: " + "; ".join(gains) + "."]
-    if hardware:
-        lines += ["", f"Hardware: {hardware}."]
+            lines += ["", f"{arch}: points gained over the random-init baseline: " + "; ".join(gains) + "."]
+    machines = list(dict.fromkeys((r["arch"], r["hardware"]) for r in all_rows if r["hardware"]))
+    for arch, machine in machines:
+        lines += ["", f"Hardware ({arch} runs): {machine}."]
     return "\n".join([*lines, "", END])
 
 
@@ -178,23 +192,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hardware", type=Path, help="text file describing the machine")
     parser.add_argument("--write", type=Path, help="markdown file whose ssl-table section is replaced")
     args = parser.parse_args(argv)
-    hardware = args.hardware.read_text().strip().replace("\n", "; ") if args.hardware else None
     all_rows = []
     try:
         for run in args.runs:
             if not (run / "result.json").is_file():
                 raise TableError(f"{run} is not a finished prism run (no result.json)")
             if args.record:
+                fresh = run.resolve() != (args.record / run.name).resolve()
                 run = record(run, args.record)
+                if args.hardware and fresh:
+                    shutil.copyfile(args.hardware, run / "hw.txt")
             base = args.write.parent if args.write else Path.cwd()
             all_rows += rows(run, os.path.relpath(run, base))
     except TableError as exc:
         print(f"ssl_table: error: {exc}", file=sys.stderr)
         return 2
-    if args.record and args.hardware:
-        shutil.copyfile(args.hardware, args.record / "hw.txt")
-    all_rows.sort(key=lambda r: r["at_init"])  # pre-trained rows first, baselines last
-    section = render(all_rows, hardware)
+    # grouped by backbone (in the order given), pre-trained rows first, the baseline last
+    order = list(dict.fromkeys(r["arch"] for r in all_rows))
+    all_rows.sort(key=lambda r: (order.index(r["arch"]), r["at_init"]))
+    section = render(all_rows)
     if args.write:
         write_section(args.write, section)
     else:

@@ -133,6 +133,7 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
         "peak_memory_bytes": _peak_memory(devices),
         "final_loss": loss,
         "devices": len(devices),
+        "batch_stats": cfg.parallel.batch_stats,
         "device_kind": devices[0].device_kind,
         "backend": jax.default_backend(),
         "jax": jax.__version__,

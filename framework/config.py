@@ -110,11 +110,17 @@ class ParallelConfig:
     devices_per_job: in a sweep whose launcher runs several jobs at once on one machine
         (``hydra/launcher=joblib``), give each job process its own set of this many GPUs (0: every job
         sees all devices).
+    batch_stats: 'global' (default): BatchNorm statistics over the whole global batch, as on one device
+        (SyncBN: the result does not depend on the number of devices, but every BatchNorm layer waits for
+        an all-reduce in the forward and in the backward pass); 'per_device': each device's share of the
+        batch (PyTorch DDP's default; no communication inside the step's forward/backward, faster on several
+        GPUs). Applies to layers built from :class:`framework.layers.BatchNorm` (all built-in models).
     """
 
     fsdp: int = 1
     distributed: str = "auto"
     devices_per_job: int = 0
+    batch_stats: str = "global"
 
 
 @dataclass

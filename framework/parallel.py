@@ -14,12 +14,15 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from framework.errors import ConfigError
+from framework.layers import BatchNorm
 
 DATA_AXES = ("data", "fsdp")
+BATCH_STATS = ("global", "per_device")
 
 #: A generic launcher describes the processes with these (JAX itself reads only the address).
 COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
@@ -150,3 +153,21 @@ def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax
     """Assemble each host's NumPy batch into global arrays sharded over the mesh's batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}
+
+
+def set_batch_stats(module: nnx.Module, mode: str, mesh: Mesh) -> list[str]:
+    """Apply ``parallel.batch_stats`` to every :class:`framework.layers.BatchNorm` in ``module``: ``per_device``
+    gives each one as many statistics groups as the batch has data shards (``global``: one group).
+
+    Returns the paths of plain ``nnx.BatchNorm`` layers, which keep global statistics either way (the
+    trainer warns about them under ``per_device``)."""
+    if mode not in BATCH_STATS:
+        raise ConfigError(f"parallel.batch_stats must be one of {', '.join(BATCH_STATS)}, got {mode!r}")
+    groups = mesh.size if mode == "per_device" else 1
+    plain = []
+    for path, layer in nnx.iter_modules(module):
+        if isinstance(layer, BatchNorm):
+            layer.stat_groups = groups
+        elif isinstance(layer, nnx.BatchNorm):
+            plain.append("/".join(map(str, path)))
+    return plain

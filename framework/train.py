@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import signal
@@ -44,6 +45,8 @@ from framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
 RESULT_FILE = "result.json"
 PREDICTIONS_DIR = "predictions"
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+log = logging.getLogger("prism")
 
 
 class System(nnx.Module):
@@ -188,6 +191,11 @@ class Trainer:
         abstract_system = nnx.eval_shape(lambda: self._create_system(key))
         if self.compute_dtype != jnp.float32:
             _set_compute_dtype(abstract_system, self.compute_dtype)
+        plain = parallel.set_batch_stats(abstract_system, self.cfg.parallel.batch_stats, self.mesh)
+        if plain and self.cfg.parallel.batch_stats == "per_device" and self.mesh.size > 1:
+            log.warning("parallel.batch_stats=per_device: %d BatchNorm layer(s) are plain nnx.BatchNorm and keep "
+                        "global statistics (build them with framework.layers.BatchNorm): %s", len(plain),
+                        ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
         self.graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
         abstract_system.eval()
         self.eval_graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)

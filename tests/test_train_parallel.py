@@ -13,11 +13,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import FAST, REPO, read_result, run_prism
+from flax import nnx
 
 from framework import parallel
 from framework.config import compose
 from framework.data import train_dataset
 from framework.errors import ConfigError
+from framework.layers import BatchNorm
 from framework.logging import read_metrics
 from framework.parallel import HostSlice
 from framework.train import Trainer
@@ -114,6 +116,27 @@ def test_fsdp_shards_kernels_and_trains_like_data_parallel(four_devices, tmp_pat
                                rtol=RTOL)
     np.testing.assert_allclose(_series(tmp_path / "fsdp", "eval/loss")[20], _series(dir4, "eval/loss")[20],
                                rtol=RTOL)
+
+
+def _all_reduces(trainer: Trainer) -> int:
+    host = {"image": np.zeros((32, 8, 8, 1), np.uint8), "label": np.zeros(32, np.int32)}
+    batch = parallel.global_batch(trainer.mesh, host)
+    return trainer.train_step.lower(trainer.state, batch).compile().as_text().count(" all-reduce(")
+
+
+def test_per_device_batch_stats_take_each_devices_shard_and_skip_the_syncs(four_devices, tmp_path):
+    trainer4, _, dir4 = four_devices
+    trainer = Trainer(compose([*PARALLEL_RUN, "parallel.batch_stats=per_device", "train.steps=3"]),
+                      tmp_path / "per_device")
+    system = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.rest, copy=True)
+    layers = [m for _, m in nnx.iter_modules(system) if isinstance(m, BatchNorm)]
+    assert len(layers) == 2 and {m.stat_groups for m in layers} == {4}
+    # the step's program loses the all-reduce of every BatchNorm's statistics (forward and backward)
+    assert _all_reduces(trainer) < _all_reduces(trainer4)
+    trainer.fit()
+    # statistics of 8 images per device instead of 32: the first step's loss differs from the global run's
+    first, first_global = _series(tmp_path / "per_device", "train/loss")[1], _series(dir4, "train/loss")[1]
+    assert np.isfinite(first) and first != pytest.approx(first_global, rel=1e-4)
 
 
 @pytest.mark.parametrize("override", ["train.batch_size=30", "train.eval_batch_size=30"])

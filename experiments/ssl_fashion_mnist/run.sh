@@ -2,20 +2,24 @@
 # Self-supervised pre-training on Fashion-MNIST, evaluated offline, and the table in experiments/README.md.
 #
 #   1. SimCLR and BYOL pre-training: prism train +experiment=simclr_fashion_mnist / byol_fashion_mnist
+#      (ARCH=resnet18: the ..._fashion_mnist_resnet18 presets; runs named simclr_resnet18, byol_resnet18)
 #   2. for each run: linear probe and weighted kNN on its frozen backbone at the last step (prism eval
 #      eval.step=latest task=linear_probe|knn; not the checkpoint chosen by the online probe's test accuracy)
 #   3. the baseline: the same probe and kNN on the same architecture with the SimCLR run's initial weights,
 #      untrained (prism eval eval.step=init; BYOL's run starts from the same backbone weights: same seed)
 #   4. experiments/ssl_table.py: copies the runs' small files to experiments/ssl_fashion_mnist/<run>/ and
-#      writes the table between the ssl-table markers of experiments/README.md
+#      writes the table between the ssl-table markers of experiments/README.md, with the runs recorded there
+#      before (other backbones, other sessions) kept as they are
 #
 # Usage, from anywhere:   bash experiments/ssl_fashion_mnist/run.sh [RUNS_DIR]
 #   RUNS_DIR  where the runs (with checkpoints) go; default outputs/ssl_fashion_mnist
 #   DATA      folder of the four Fashion-MNIST idx .gz files; default /usr/share/datasets/fashion-mnist
 #   PYTHON    interpreter with prism's dependencies; default python3
+#   ARCH      '' (default: simple_cnn presets) or resnet18 (CIFAR-stem ResNet-18 presets)
+#   METHODS   which pre-trainings to run; default "simclr byol" (the baseline is evaluated on the first)
 #   EPOCHS    pre-training epochs instead of the presets' (train.epochs)
 #   EXTRA     more pre-training overrides of the presets' keys, space-separated (e.g. "model.widths=[64,128,256]";
-#             another model needs its own preset: the presets set simple_cnn's model.widths)
+#             another model needs its own preset, as ARCH=resnet18 has)
 #   SMOKE=1   a CPU-sized check of the whole chain (1000 training images, tiny CNN, a few steps); its records
 #             and README go to RUNS_DIR/record and RUNS_DIR/README.md instead of experiments/
 #   OUT       when set (device machines), experiments/ssl_fashion_mnist and experiments/README.md are copied there
@@ -30,35 +34,43 @@ PY=${PYTHON:-python3}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$RUNS/.jax_cache}
 mkdir -p "$RUNS"
 
+SUFFIX=${ARCH:+_$ARCH}
+read -r -a METHOD_LIST <<< "${METHODS:-simclr byol}"
 TRAIN_EXTRA=() EVAL_EXTRA=() RECORD=experiments/ssl_fashion_mnist README=experiments/README.md
 if [ "${SMOKE:-0}" = 1 ]; then
-  TRAIN_EXTRA=(train.steps=8 train.batch_size=32 train.eval_batch_size=100 "model.widths=[8,16]"
+  TRAIN_EXTRA=(train.steps=8 train.batch_size=32 train.eval_batch_size=100
                objective.proj_hidden_dim=32 objective.proj_output_dim=16 "dataset.train_split='train[:1000]'"
                "dataset.eval_split='test[:300]'" dataset.cache=false logging.tensorboard=false logging.plots=false)
+  if [ -n "$SUFFIX" ]; then TRAIN_EXTRA+=(model.width=4); else TRAIN_EXTRA+=("model.widths=[8,16]"); fi
   EVAL_EXTRA=(task.epochs=5)
   RECORD=$RUNS/record README=$RUNS/README.md
 fi
 
 started=$(date +%s)
-for method in simclr byol; do
+names=()
+for method in "${METHOD_LIST[@]}"; do
+  name=$method$SUFFIX
+  names+=("$name")
   extra=("${TRAIN_EXTRA[@]}")
   if [ -n "${EXTRA:-}" ]; then read -r -a more <<< "$EXTRA"; extra+=("${more[@]}"); fi
   if [ "${SMOKE:-0}" = 1 ] && [ $method = byol ]; then extra+=(objective.pred_hidden_dim=32); fi
-  $PY -m framework train +experiment=${method}_fashion_mnist dataset.path="$DATA" logging.progress=false ${EPOCHS:+train.epochs=$EPOCHS} \
-      "${extra[@]}" hydra.run.dir="$RUNS/$method"
+  $PY -m framework train +experiment=${method}_fashion_mnist$SUFFIX dataset.path="$DATA" logging.progress=false \
+      ${EPOCHS:+train.epochs=$EPOCHS} "${extra[@]}" hydra.run.dir="$RUNS/$name"
 done
-for method in simclr byol; do
+for name in "${names[@]}"; do
   for task in linear_probe knn; do
     probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
-    $PY -m framework eval checkpoint="$RUNS/$method" eval.step=latest task=$task "${probe_extra[@]}" \
-        eval.out="$RUNS/$method/eval/$task"
+    $PY -m framework eval checkpoint="$RUNS/$name" eval.step=latest task=$task "${probe_extra[@]}" \
+        eval.out="$RUNS/$name/eval/$task"
   done
 done
-for task in linear_probe knn; do
-  probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
-  $PY -m framework eval checkpoint="$RUNS/simclr" eval.step=init task=$task "${probe_extra[@]}" \
-      eval.out="$RUNS/simclr/eval/$task-init"
-done
+if [ "${BASELINE:-1}" = 1 ]; then  # the untrained backbone, on the first run (all start from the same weights)
+  for task in linear_probe knn; do
+    probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
+    $PY -m framework eval checkpoint="$RUNS/${names[0]}" eval.step=init task=$task "${probe_extra[@]}" \
+        eval.out="$RUNS/${names[0]}/eval/$task-init"
+  done
+fi
 
 {
   if command -v nvidia-smi >/dev/null; then
@@ -67,9 +79,16 @@ done
     echo "CPU only, $(nproc) cores"
   fi
   $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-  echo "whole script (2 pre-trainings, 6 evaluations, start-ups included): $(( $(date +%s) - started )) s"
+  echo "whole script (${METHOD_LIST[*]} pre-training, their evaluations, start-ups included): $(( $(date +%s) - started )) s"
 } > "$RUNS/hw.txt"
-$PY experiments/ssl_table.py "$RUNS/simclr" "$RUNS/byol" --record "$RECORD" --hardware "$RUNS/hw.txt" --write "$README"
+# the table: these runs, plus the runs recorded earlier (other backbones or sessions), read in place
+runs=()
+for recorded in "$RECORD"/*/; do
+  recorded=${recorded%/}
+  if [ -f "$recorded/result.json" ] && [[ ! " ${names[*]} " =~ " ${recorded##*/} " ]]; then runs+=("$recorded"); fi
+done
+for name in "${names[@]}"; do runs+=("$RUNS/$name"); done
+$PY experiments/ssl_table.py "${runs[@]}" --record "$RECORD" --hardware "$RUNS/hw.txt" --write "$README"
 cat "$RUNS/hw.txt"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/experiments" && cp -r "$RECORD" "$README" "$OUT/experiments/"

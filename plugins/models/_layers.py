@@ -16,6 +16,7 @@ from flax import nnx
 
 from framework.api import DataInfo
 from framework.conv import conv_general_dilated
+from framework.layers import BatchNorm
 
 #: torchvision BatchNorm defaults: eps 1e-5, PyTorch momentum 0.1 = flax momentum 0.9.
 BN_EPS = 1e-5
@@ -50,9 +51,11 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 
                     conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
-def batch_norm(channels: int, *, rngs: nnx.Rngs, zero_init: bool = False) -> nnx.BatchNorm:
-    """BatchNorm with torchvision's eps/momentum; ``zero_init`` starts gamma at 0 (residual branches)."""
-    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, scale_init=zeros if zero_init else ones,
+def batch_norm(channels: int, *, rngs: nnx.Rngs, zero_init: bool = False) -> BatchNorm:
+    """BatchNorm with torchvision's eps/momentum; ``zero_init`` starts gamma at 0 (residual branches).
+
+    :class:`framework.layers.BatchNorm`, so that ``parallel.batch_stats=per_device`` applies to it."""
+    return BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, scale_init=zeros if zero_init else ones,
                          rngs=rngs)
 
 

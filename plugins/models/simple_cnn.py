@@ -9,6 +9,7 @@ from flax import nnx
 
 from framework.api import DataInfo
 from framework.conv import conv_general_dilated
+from framework.layers import BatchNorm
 from framework.registry import MODELS
 
 
@@ -35,7 +36,7 @@ class SimpleCNN(nnx.Module):
         for width in cfg.widths:
             convs.append(nnx.Conv(channels, width, kernel_size=(3, 3), use_bias=False,
                                    conv_general_dilated=conv_general_dilated, rngs=rngs))
-            norms.append(nnx.BatchNorm(width, rngs=rngs))
+            norms.append(BatchNorm(width, rngs=rngs))
             channels = width
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)

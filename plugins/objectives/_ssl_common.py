@@ -28,6 +28,7 @@ from flax import nnx
 
 from framework.api import Batch, DataInfo, Objective
 from framework.errors import ConfigError
+from framework.layers import BatchNorm
 
 PROBE_PREFIX = "online_probe/"
 
@@ -65,7 +66,7 @@ class MLP(nnx.Module):
         linears, norms, dim = [], [], in_dim
         for _ in range(hidden_layers):
             linears.append(nnx.Linear(dim, hidden_dim, use_bias=False, rngs=rngs))  # BN supplies the bias
-            norms.append(nnx.BatchNorm(hidden_dim, rngs=rngs))
+            norms.append(BatchNorm(hidden_dim, rngs=rngs))
             dim = hidden_dim
         self.linears, self.norms = nnx.List(linears), nnx.List(norms)
         self.out = nnx.Linear(dim, out_dim, rngs=rngs)
