@@ -30,11 +30,18 @@ from framework.errors import CheckpointError, ConfigError
 from framework.train import PREDICTIONS_DIR, RESULT_FILE, Trainer
 
 CHECKPOINTS_DIR = "checkpoints"
+#: The composed config Hydra writes into every run directory (used by ``eval.step=init`` without checkpoints).
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    directory = run_dir / CHECKPOINTS_DIR
+    return directory.is_dir() and any(directory.iterdir())
 
 
 def _checkpointer(run_dir: Path, cfg: CheckpointConfig | None = None) -> Checkpointer:
     directory = run_dir / CHECKPOINTS_DIR
-    if not directory.is_dir() or not any(directory.iterdir()):
+    if not _has_checkpoints(run_dir):
         raise CheckpointError(f"no checkpoints in {directory}: is {run_dir} the directory of a prism run that "
                               f"saved one (checkpoint.enabled=true)?")
     return Checkpointer(directory, cfg or CheckpointConfig(), read_only=True)
@@ -105,6 +112,11 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), step: str | int
     """A :class:`Trainer` for the run in ``run_dir`` with its checkpoint at ``step`` restored (``init``:
     freshly initialized), its config changed by ``overrides``; returns ``(trainer, step restored)``."""
     run_dir = Path(run_dir)
+    hydra_config = run_dir / HYDRA_CONFIG
+    if step == "init" and not _has_checkpoints(run_dir) and hydra_config.is_file():
+        # fresh weights need only the run's config: Hydra's copy serves when the checkpoints are gone
+        saved = OmegaConf.to_container(OmegaConf.load(hydra_config), resolve=True)
+        return Trainer(run_config(saved, overrides), out_dir or run_dir / "eval"), None
     probe = _checkpointer(run_dir)
     saved = probe.read_meta(max(probe.all_steps())).get("config")
     probe.close()

@@ -450,6 +450,7 @@ class Trainer:
             "best_step": self.checkpointer.best_step() if self.checkpointer else None,
             "params": self.param_count,
             "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind,
             "processes": jax.process_count(),
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }

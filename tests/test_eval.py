@@ -49,6 +49,24 @@ def test_init_step_is_the_untrained_architecture(saved_run, tmp_path):
     assert untrained["metrics"]["eval/loss"] > trained["eval/loss"] + 0.05  # 20 steps do lower the loss
 
 
+def test_init_step_needs_only_the_runs_hydra_config(saved_run, tmp_path):
+    """A run copied without its checkpoints (e.g. a recorded experiment) still gives its random-init baseline."""
+    from omegaconf import OmegaConf
+
+    from framework.config import compose
+
+    run_dir, _ = saved_run
+    from_checkpoint = evaluate_run(run_dir, step="init", out_dir=tmp_path / "from_checkpoint")
+    bare = tmp_path / "bare"
+    (bare / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose(["train.steps=20", "train.batch_size=32", "train.eval_every=10", "model.widths=[8,16]"]),
+                   bare / ".hydra" / "config.yaml")
+    from_hydra_config = evaluate_run(bare, step="init", out_dir=tmp_path / "from_hydra_config")
+    assert from_hydra_config["step"] == "init" and from_hydra_config["metrics"] == from_checkpoint["metrics"]
+    with pytest.raises(CheckpointError, match="no checkpoints in"):
+        evaluate_run(bare, step="latest", out_dir=tmp_path / "latest")
+
+
 def test_overrides_change_the_evaluation_not_the_model(saved_run, tmp_path):
     run_dir, _ = saved_run
     one_batch = evaluate_run(run_dir, ["train.max_eval_batches=1", "train.eval_batch_size=40"], step="latest",

@@ -17,6 +17,8 @@
 #   PYTHON    interpreter with prism's dependencies; default python3
 #   ARCH      '' (default: simple_cnn presets) or resnet18 (CIFAR-stem ResNet-18 presets)
 #   METHODS   which pre-trainings to run; default "simclr byol" (the baseline is evaluated on the first)
+#   STAGES    default "train eval baseline"; e.g. STAGES=baseline evaluates only the untrained backbone of
+#             RUNS_DIR/<first method> (its .hydra/config.yaml suffices: no checkpoints needed)
 #   EPOCHS    pre-training epochs instead of the presets' (train.epochs)
 #   EXTRA     more pre-training overrides of the presets' keys, space-separated (e.g. "model.widths=[64,128,256]";
 #             another model needs its own preset, as ARCH=resnet18 has)
@@ -47,10 +49,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
 fi
 
 started=$(date +%s)
+read -r -a STAGE_LIST <<< "${STAGES:-train eval baseline}"
+stage() { [[ " ${STAGE_LIST[*]} " =~ " $1 " ]]; }
 names=()
+for method in "${METHOD_LIST[@]}"; do names+=("$method$SUFFIX"); done
 for method in "${METHOD_LIST[@]}"; do
+  stage train || break
   name=$method$SUFFIX
-  names+=("$name")
   extra=("${TRAIN_EXTRA[@]}")
   if [ -n "${EXTRA:-}" ]; then read -r -a more <<< "$EXTRA"; extra+=("${more[@]}"); fi
   if [ "${SMOKE:-0}" = 1 ] && [ $method = byol ]; then extra+=(objective.pred_hidden_dim=32); fi
@@ -58,13 +63,14 @@ for method in "${METHOD_LIST[@]}"; do
       ${EPOCHS:+train.epochs=$EPOCHS} "${extra[@]}" hydra.run.dir="$RUNS/$name"
 done
 for name in "${names[@]}"; do
+  stage eval || break
   for task in linear_probe knn; do
     probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
     $PY -m framework eval checkpoint="$RUNS/$name" eval.step=latest task=$task "${probe_extra[@]}" \
         eval.out="$RUNS/$name/eval/$task"
   done
 done
-if [ "${BASELINE:-1}" = 1 ]; then  # the untrained backbone, on the first run (all start from the same weights)
+if stage baseline; then  # the untrained backbone, on the first run (all start from the same weights)
   for task in linear_probe knn; do
     probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
     $PY -m framework eval checkpoint="$RUNS/${names[0]}" eval.step=init task=$task "${probe_extra[@]}" \
@@ -79,7 +85,7 @@ fi
     echo "CPU only, $(nproc) cores"
   fi
   $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-  echo "whole script (${METHOD_LIST[*]} pre-training, their evaluations, start-ups included): $(( $(date +%s) - started )) s"
+  echo "run.sh stages ${STAGE_LIST[*]} of ${names[*]} (start-ups included): $(( $(date +%s) - started )) s"
 } > "$RUNS/hw.txt"
 # the table: these runs, plus the runs recorded earlier (other backbones or sessions), read in place
 runs=()
