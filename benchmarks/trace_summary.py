@@ -30,6 +30,37 @@ def category(name: str) -> str:
     return "other"
 
 
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e3
+
+
+def per_device(events: list[dict], names: dict, gpu: set) -> list[str]:
+    """Per GPU: the traced span, the time any kernel runs (streams overlapped), collectives alone and the
+    compute kernels alone: a device waiting on its peers shows as idle or as collective time not hidden
+    behind compute."""
+    lines = ["| device | span ms | busy ms | idle | collective ms | compute ms | collective not overlapped ms |",
+             "|---|---|---|---|---|---|---|"]
+    for pid in sorted(gpu):
+        spans = [(e["ts"], e["ts"] + e["dur"], category(e["name"]) == "collective") for e in events
+                 if e.get("ph") == "X" and e.get("pid") == pid and "dur" in e]
+        if not spans:
+            continue
+        every = [(a, b) for a, b, _ in spans]
+        collective = [(a, b) for a, b, c in spans if c]
+        compute = [(a, b) for a, b, c in spans if not c]
+        span = (max(b for _, b in every) - min(a for a, _ in every)) / 1e3
+        busy = _union_ms(every)
+        exposed = busy - _union_ms(compute)
+        lines.append(f"| {names[pid][:40]} | {span:.1f} | {busy:.1f} | {1 - busy / span:.1%} | "
+                     f"{_union_ms(collective):.1f} | {_union_ms(compute):.1f} | {exposed:.1f} |")
+    return lines
+
+
 def summarize(directory: Path, top: int = 25) -> str:
     files = sorted(directory.rglob("*.trace.json.gz"))
     if not files:
@@ -49,6 +80,7 @@ def summarize(directory: Path, top: int = 25) -> str:
     lines = [f"trace {files[-1].name}: {total / 1e3:.1f} ms of device time in {len(per_kernel)} kernels",
              "", "| category | ms | share |", "|---|---|---|"]
     lines += [f"| {c} | {d / 1e3:.1f} | {d / total:.1%} |" for c, d in per_cat.most_common()]
+    lines += ["", *per_device(events, names, gpu)]
     lines += ["", "| kernel | category | ms | share |", "|---|---|---|---|"]
     lines += [f"| `{n[:90]}` | {category(n)} | {d / 1e3:.2f} | {d / total:.1%} |"
               for n, d in per_kernel.most_common(top)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from framework import __version__
 from framework.errors import ConfigError, PrismError, UnknownNameError
+from framework.parallel import apply_default_xla_flags
 from framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
@@ -302,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prism {__version__}")
         return 0
     command, rest = args[0], args[1:]
+    apply_default_xla_flags()  # before anything starts a JAX backend
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list, "bench": cmd_bench,
                 "sweep-report": cmd_sweep_report}
     if command not in handlers:

@@ -34,6 +34,23 @@ COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
 SLURM_TASK_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
+#: XLA flags the ``prism`` command adds to ``XLA_FLAGS`` unless the variable already sets them: JAX's GPU
+#: performance guide recommends the latency-hiding scheduler, which lets XLA overlap the gradient all-reduce
+#: with the backward pass (ignored by the CPU backend). Measured in benchmarks/RESULTS.md (data-parallel scaling).
+DEFAULT_XLA_FLAGS = {"--xla_gpu_enable_latency_hiding_scheduler": "true"}
+
+
+def apply_default_xla_flags(environ: dict | None = None) -> str:
+    """Add :data:`DEFAULT_XLA_FLAGS` that ``XLA_FLAGS`` does not already set (any value the user gave wins);
+    returns the new value. Must run before JAX initializes its backends (the CLI calls it first)."""
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "").split()
+    given = {f.split("=", 1)[0] for f in flags}
+    flags += [f"{name}={value}" for name, value in DEFAULT_XLA_FLAGS.items() if name not in given]
+    environ["XLA_FLAGS"] = " ".join(flags)
+    return environ["XLA_FLAGS"]
+
+
 def _env_describes_multiprocess() -> bool:
     if int(os.environ.get(NUM_PROCESSES_ENV, "1")) > 1:
         return True

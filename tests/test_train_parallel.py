@@ -199,3 +199,13 @@ def test_host_batch_slice_uses_the_global_batch_over_processes(four_devices):
     assert parallel.host_batch_slice(32, mesh) == HostSlice(0, 1, 32)
     with pytest.raises(ConfigError, match="divisible"):
         parallel.host_batch_slice(6, mesh)
+
+
+def test_default_xla_flags_are_added_unless_the_user_set_them():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    assert parallel.apply_default_xla_flags(env) == (
+        "--xla_force_host_platform_device_count=4 --xla_gpu_enable_latency_hiding_scheduler=true")
+    assert parallel.apply_default_xla_flags(env) == env["XLA_FLAGS"]  # idempotent
+    mine = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false"}
+    assert parallel.apply_default_xla_flags(mine) == "--xla_gpu_enable_latency_hiding_scheduler=false"
+    assert parallel.apply_default_xla_flags({}) == "--xla_gpu_enable_latency_hiding_scheduler=true"
