@@ -35,7 +35,7 @@ from framework.checkpoint import Checkpointer
 from framework.config import SELECTED_KINDS, CheckpointConfig, compose
 from framework.errors import CheckpointError, ConfigError, UnknownNameError
 from framework.registry import TASKS
-from framework.train import PREDICTIONS_DIR, RESULT_FILE, Trainer, _build_plugin
+from framework.train import PREDICTIONS_DIR, RESULT_FILE, Trainer
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -283,7 +283,7 @@ def _evaluate(run_dir: Path, saved: dict, plans: list[_Plan], step: str | int, r
     then evaluate and write each task. A result's ``wall_s`` is what its task added to the process: the first
     one also pays building and restoring the run, and outputs that later tasks reuse."""
     trainer = Trainer(plans[0].cfg, root)
-    tasks = [trainer.task, *(_build_plugin(TASKS, plan.cfg.task, data=trainer.info) for plan in plans[1:])]
+    tasks = [trainer.task, *(trainer.build_task(plan.cfg.task) for plan in plans[1:])]
     restored = restore(trainer, run_dir, saved, step)
     shared = {} if len(plans) > 1 else None  # outputs by (split, eval_outputs_key), while the state is fixed
     results, mark = [], started

@@ -159,7 +159,7 @@ class Trainer:
         self.info: DataInfo = self.source.info
         self.train_split = self.source.split(cfg.dataset.get("train_split", "train"))
         self.eval_split = self.source.split(cfg.dataset.get("eval_split", "test"))
-        self.task = _build_plugin(TASKS, cfg.task, data=self.info)
+        self.task = self.build_task(cfg.task)
 
         t = cfg.train
         self.accum = t.grad_accum_steps
@@ -175,6 +175,10 @@ class Trainer:
         self.checkpointer: Checkpointer | None = None  # opened by fit(), closed when it returns
 
     # -- construction ---------------------------------------------------------------------------
+    def build_task(self, section: DictConfig) -> Task:
+        """The task of config ``section`` (a ``task`` node) for this run's dataset; :meth:`evaluate` takes it."""
+        return _build_plugin(TASKS, section, data=self.info)
+
     def _create_system(self, key: jax.Array) -> System:
         rngs = nnx.Rngs(key)
         model = _build_plugin(MODELS, self.cfg.model, data=self.info, rngs=rngs)
