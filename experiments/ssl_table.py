@@ -3,13 +3,14 @@
     python experiments/ssl_table.py RUN_DIR... [--record DIR] [--hardware FILE] [--write README.md]
 
 Each RUN_DIR is a ``prism train`` run of an SSL objective whose ``eval/`` folder holds ``prism eval``
-results (``task=linear_probe`` and ``task=knn``, at the run's checkpoint and, for the baseline, at
-``eval.step=init``: the same architecture and seed, untrained). One row per pre-trained run plus one per
+results (``linear_probe`` and ``knn``, at the run's checkpoint and, for the baseline, at ``eval.step=init``:
+the same architecture and seed, untrained), at any depth (``eval.tasks=[linear_probe,knn] eval.out=DIR``
+writes ``DIR/linear_probe/`` and ``DIR/knn/``). One row per pre-trained run plus one per
 run evaluated at ``init``; numbers come from the ``result.json`` files, nothing is typed by hand. Runs with
 different backbones share the table; each pre-trained run is compared with the baseline of its own backbone.
 A RUN_DIR may be an earlier record (``DIR/<run name>``, without checkpoints): it is read in place.
 
---record DIR   copy the small files of each run (result.json, metrics.jsonl, .hydra/*.yaml, eval/*/result.json
+--record DIR   copy the small files of each run (result.json, metrics.jsonl, .hydra/*.yaml, eval/**/result.json
                and config.yaml; not the checkpoints) into DIR/<run name>/ and build the table from the copies,
                so that the table's links point into the repository.
 --hardware F   a text file describing the machine the given runs ran on (copied to each recorded run as hw.txt;
@@ -57,7 +58,7 @@ def record(run_dir: Path, into: Path) -> Path:
     if target.resolve() == run_dir.resolve():  # already a record (a run of an earlier session): keep it
         return target
     files = [run_dir / f for f in SMALL_FILES if (run_dir / f).is_file()]
-    files += sorted(p for p in (run_dir / "eval").glob("*/*") if p.name in ("result.json", "config.yaml"))
+    files += sorted(p for p in (run_dir / "eval").rglob("*") if p.name in ("result.json", "config.yaml"))
     for f in files:
         dest = target / f.relative_to(run_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def record(run_dir: Path, into: Path) -> Path:
 def evaluations(run_dir: Path) -> dict[tuple[str, bool], tuple[Path, dict]]:
     """``{(task, at_init): (eval dir, result)}``; of several evaluations of one kind, the newest folder."""
     found: dict[tuple[str, bool], tuple[Path, dict]] = {}
-    for path in sorted((run_dir / "eval").glob("*/result.json"), key=lambda p: p.stat().st_mtime):
+    for path in sorted((run_dir / "eval").rglob("result.json"), key=lambda p: p.stat().st_mtime):
         result = _json(path)
         if result.get("mode") != "offline" or result.get("task") not in TASKS:
             continue

@@ -19,7 +19,7 @@ detection, ``mask`` for segmentation, ...).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -95,6 +95,10 @@ class Task(ABC):
       ``summarize(outputs, reference=...)``; for evaluations that fit something on the training data first
       (a kNN bank, a linear probe on frozen features). ``"train"`` means the run's training split
       (``dataset.train_split``, e.g. ``train[:90%]`` when the rest is held out for evaluation).
+    - ``eval_outputs_key()``: tasks whose ``eval_outputs`` are the same arrays for the same model and batch
+      return the same hashable key; an evaluation of several tasks in one process (``prism eval
+      eval.tasks=[...]``) then computes those outputs once per split and hands them to each task's
+      ``summarize`` (the backbone features that kNN and the linear probe both use, say). ``None``: not shared.
     - ``describe()``: settings that say what the numbers are (``{"k": 200}``), written into result files.
     - ``render(batch, outputs, directory)``: pictures of predictions (boxes drawn, masks overlaid) for the
       first evaluation examples, written at the end of a run and by ``prism eval``.
@@ -116,6 +120,11 @@ class Task(ABC):
                   reference: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         """Metrics from the outputs over the evaluation split (``reference``: over ``reference_split``)."""
         return {name: float(np.mean(values)) for name, values in outputs.items()}
+
+    def eval_outputs_key(self) -> Hashable | None:
+        """A key equal for tasks whose ``eval_outputs`` give the same arrays for the same model and batch (they
+        may then share one computation of them); ``None`` (default): this task's outputs are its own."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings that qualify the reported metrics (none by default)."""

@@ -9,6 +9,9 @@ directory and renames it when complete, so a run killed mid-save never leaves a 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,29 @@ def first_mismatch(expected: dict[str, list], found: dict[str, list]) -> str | N
     return None
 
 
+#: The notice orbax's ``CheckpointManager`` logs (through absl) whenever it is opened with ``read_only=True``.
+READ_ONLY_NOTICE = "Given directory is read only=%s"
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != READ_ONLY_NOTICE
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+    """Drop orbax's warning that a read-only manager is read-only (``prism eval`` opens one on purpose and
+    printed it twice per run); only that message, only while the manager is created."""
+    from absl import logging as absl_logging
+
+    logger, notice_filter = absl_logging.get_absl_logger(), _DropReadOnlyNotice()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
+
+
 class Checkpointer:
     """The run's ``checkpoints/`` directory, managed by an orbax ``CheckpointManager``."""
 
@@ -107,7 +133,8 @@ class Checkpointer:
             best_mode=cfg.best_mode,
             read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_read_only_notice() if read_only else contextlib.nullcontext():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

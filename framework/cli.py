@@ -24,7 +24,7 @@ log = logging.getLogger("prism")
 COMMANDS = {
     "train": "train a model: prism train [key=value ...] [-m for a sweep] (a Hydra app; --help lists groups)",
     "eval": "evaluate a saved run: prism eval checkpoint=RUN_DIR [eval.step=best|latest|init|N] [eval.out=DIR] "
-            "[task=...] [dataset=...] [key=value ...]",
+            "[task=NAME | eval.tasks=[NAME,NAME,...]] [dataset=...] [key=value ...]",
     "predict": "predict on unlabelled images with a saved run: prism predict checkpoint=RUN_DIR "
                "input=IMAGE_OR_FOLDER [out=DIR] [step=best|latest|N] [key=value ...]",
     "list": "list registered plugins: prism list [KIND [PATTERN]] [--stats] (kinds: model, dataset, objective, ...;"
@@ -163,14 +163,15 @@ def cmd_train(args: list[str]) -> int:
     return code
 
 
-EVAL_OPTIONS = ("checkpoint", "eval.step", "eval.out")
+EVAL_OPTIONS = ("checkpoint", "eval.step", "eval.out", "eval.tasks")
 
 
 def cmd_eval(args: list[str]) -> int:
-    """``prism eval``: the run's metrics (or another task's) from one of its checkpoints, offline."""
+    """``prism eval``: the run's metrics (or other tasks', several in one process) from one of its checkpoints,
+    offline; one JSON line per task."""
     import json
 
-    from framework.evaluate import evaluate_run
+    from framework.evaluate import evaluate_run, evaluate_tasks, parse_task_list
     from framework.plugins import load_plugins
 
     options = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in EVAL_OPTIONS}
@@ -180,9 +181,14 @@ def cmd_eval(args: list[str]) -> int:
                      + COMMANDS["eval"])
     load_plugins()
     check_group_choices(overrides)
-    result = evaluate_run(options["checkpoint"], overrides, step=options.get("eval.step", "best"),
-                          out_dir=options.get("eval.out"))
-    print(json.dumps({k: result[k] for k in ("task", "step", "metrics", "out_dir")}))
+    step, out_dir = options.get("eval.step", "best"), options.get("eval.out")
+    if "eval.tasks" in options:
+        results = evaluate_tasks(options["checkpoint"], parse_task_list(options["eval.tasks"]), overrides, step=step,
+                                 out_dir=out_dir)
+    else:
+        results = [evaluate_run(options["checkpoint"], overrides, step=step, out_dir=out_dir)]
+    for result in results:
+        print(json.dumps({k: result[k] for k in ("task", "step", "metrics", "out_dir")}))
     return 0
 
 

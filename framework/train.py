@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from omegaconf import DictConfig, OmegaConf
 
 from framework import parallel
-from framework.api import DataInfo, DataSource
+from framework.api import DataInfo, DataSource, Task
 from framework.augment import Pipeline
 from framework.checkpoint import Checkpointer, signature
 from framework.data import VALID_KEY, eval_batches, train_iterator
@@ -162,7 +162,7 @@ class Trainer:
         self.info: DataInfo = self.source.info
         self.train_split = self.source.split(cfg.dataset.get("train_split", "train"))
         self.eval_split = self.source.split(cfg.dataset.get("eval_split", "test"))
-        self.task = _build_plugin(TASKS, cfg.task, data=self.info)
+        self.task = self.build_task(cfg.task)
 
         t = cfg.train
         self.accum = t.grad_accum_steps
@@ -178,6 +178,10 @@ class Trainer:
         self.checkpointer: Checkpointer | None = None  # opened by fit(), closed when it returns
 
     # -- construction ---------------------------------------------------------------------------
+    def build_task(self, section: DictConfig) -> Task:
+        """The task of config ``section`` (a ``task`` node) for this run's dataset; :meth:`evaluate` takes it."""
+        return _build_plugin(TASKS, section, data=self.info)
+
     def _create_system(self, key: jax.Array) -> System:
         rngs = nnx.Rngs(key)
         model = _build_plugin(MODELS, self.cfg.model, data=self.info, rngs=rngs)
@@ -240,7 +244,7 @@ class Trainer:
 
     def _compile_steps(self) -> None:
         cfg, info, task = self.cfg, self.info, self.task
-        graphdef, eval_graphdef = self.graphdef, self.eval_graphdef
+        graphdef = self.graphdef
         tx, schedule, accum = self.optimizer.tx, self.optimizer.schedule, self.accum
         dtype, ema_decay = self.compute_dtype, cfg.train.ema_decay
         base_key = jax.random.key(cfg.seed + 1)
@@ -283,6 +287,18 @@ class Trainer:
                     **{f"train/{k}": v for k, v in metrics.items()}}
             return new_state, logs
 
+        replicated = parallel.replicated(self.mesh)
+        self.train_step = jax.jit(train_step, donate_argnums=0,
+                                  out_shardings=(self.state_shardings, replicated))
+        self._eval_steps: dict[int, tuple[Task, Callable]] = {}  # id(task) -> (task, kept alive: ids stay unique)
+        self.eval_step = self._eval_step_for(task)
+
+    def _eval_step_for(self, task: Task) -> Callable:
+        """The jitted evaluation step of ``task`` (the run's own, or another task on the same model)."""
+        if id(task) in self._eval_steps:
+            return self._eval_steps[id(task)][1]
+        info, dtype, eval_graphdef = self.info, self.compute_dtype, self.eval_graphdef
+
         def eval_step(state: TrainState, batch: dict) -> tuple[dict, dict]:
             """(the task's per-example outputs, the objective's: see ``Objective.eval_outputs``)."""
             params = state.ema_params if state.ema_params is not None else state.params
@@ -296,15 +312,15 @@ class Trainer:
                                   for k, v in out.items()}
             return as_f32(outputs), as_f32(extra)
 
-        replicated = parallel.replicated(self.mesh)
-        self.train_step = jax.jit(train_step, donate_argnums=0,
-                                  out_shardings=(self.state_shardings, replicated))
-        self.eval_step = jax.jit(eval_step, out_shardings=parallel.batch_sharding(self.mesh))
+        step = jax.jit(eval_step, out_shardings=parallel.batch_sharding(self.mesh))
+        self._eval_steps[id(task)] = (task, step)
+        return step
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _eval_outputs(self, split, first_batch_only: bool = False):
+    def _eval_outputs(self, split, first_batch_only: bool = False, task: Task | None = None):
         """``(task outputs, objective outputs, raw host batch of the first batch)`` over ``split``, padding
-        removed; every host gets the whole split's outputs."""
+        removed; every host gets the whole split's outputs. ``task``: another task than the run's own."""
+        eval_step = self._eval_step_for(task or self.task)
         collected: tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]] = ({}, {})
         first_raw = None
         batches = eval_batches(split, global_batch=self.eval_batch_size, host=self.eval_host,
@@ -313,7 +329,7 @@ class Trainer:
             valid = host_batch.pop(VALID_KEY)
             if first_raw is None:
                 first_raw = {k: np.asarray(v)[np.asarray(valid, bool)] for k, v in host_batch.items()}
-            outputs = self.eval_step(self.state, parallel.global_batch(self.mesh, host_batch))
+            outputs = eval_step(self.state, parallel.global_batch(self.mesh, host_batch))
             if jax.process_count() > 1:
                 outputs = multihost_utils.process_allgather(outputs, tiled=True)
                 valid = multihost_utils.process_allgather(valid, tiled=True)
@@ -323,39 +339,60 @@ class Trainer:
         task_out, objective_out = ({name: np.concatenate(parts) for name, parts in c.items()} for c in collected)
         return task_out, objective_out, first_raw or {}
 
-    def evaluate(self) -> dict[str, float]:
+    def _split_outputs(self, split_name: str, task: Task, shared: dict | None) -> tuple[dict, dict]:
+        """``(task outputs, objective outputs)`` over the split named ``split_name``, taken from ``shared``
+        when a task with the same ``eval_outputs_key`` already computed them there."""
+        key = task.eval_outputs_key() if shared is not None else None
+        if key is not None and (split_name, key) in shared:
+            return shared[(split_name, key)]
+        task_out, objective_out, _ = self._eval_outputs(self.source.split(split_name), task=task)
+        if key is not None:  # read-only: a task that changed them in place would change them for the next
+            for array in (*task_out.values(), *objective_out.values()):
+                array.flags.writeable = False
+            shared[(split_name, key)] = (task_out, objective_out)
+        return task_out, objective_out
+
+    def evaluate(self, task: Task | None = None, shared: dict | None = None) -> dict[str, float]:
         """The task's metrics over the whole evaluation split (padding masked out), on every host, plus the
         means of the objective's evaluation outputs (when it has any). A task with a ``reference_split``
-        also gets its outputs over that split."""
-        task_out, objective_out, _ = self._eval_outputs(self.eval_split)
-        if self.task.reference_split:
-            reference, _, _ = self._eval_outputs(self.source.split(self._reference_split_name()))
-            metrics = dict(self.task.summarize(task_out, reference=reference))
+        also gets its outputs over that split.
+
+        ``task``: evaluate another task than the run's own on the same state (``prism eval eval.tasks=...``).
+        ``shared``: a dict the caller keeps while the state does not change; outputs of tasks with an
+        ``eval_outputs_key`` are stored there and reused by later tasks with the same key.
+        """
+        task = task or self.task
+        task_out, objective_out = self._split_outputs(self.cfg.dataset.get("eval_split", "test"), task, shared)
+        if task.reference_split:
+            reference, _ = self._split_outputs(self._reference_split_name(task), task, shared)
+            metrics = dict(task.summarize(task_out, reference=reference))
         else:
-            metrics = dict(self.task.summarize(task_out))
+            metrics = dict(task.summarize(task_out))
         clash = sorted(set(metrics) & set(objective_out))
         if clash:
-            raise ConfigError(f"objective {self.cfg.objective.name!r} and task {self.cfg.task.name!r} both report "
+            task_name = self.cfg.task.name if task is self.task else getattr(task, "name", type(task).__name__)
+            raise ConfigError(f"objective {self.cfg.objective.name!r} and task {task_name!r} both report "
                               f"evaluation metric(s) {clash}")
         metrics.update({name: float(np.mean(values)) for name, values in objective_out.items()})
         return {f"eval/{k}": v for k, v in metrics.items()}
 
-    def _reference_split_name(self) -> str:
+    def _reference_split_name(self, task: Task | None = None) -> str:
         """The task's reference split; ``"train"`` is the split this run trains on (``dataset.train_split``),
         so a held-out evaluation slice of the same TFDS split never enters a kNN bank or a probe's data."""
-        name = self.task.reference_split
+        name = (task or self.task).reference_split
         return self.cfg.dataset.get("train_split", "train") if name == "train" else name
 
-    def render(self, directory: Path, count: int) -> list[Path]:
+    def render(self, directory: Path, count: int, task: Task | None = None) -> list[Path]:
         """The task's pictures of its predictions for the first ``count`` evaluation examples (main host)."""
-        if count <= 0:
+        task = task or self.task
+        if count <= 0 or type(task).render is Task.render:  # a task that draws nothing: no batch to evaluate
             return []
-        task_out, _, raw = self._eval_outputs(self.eval_split, first_batch_only=True)
+        task_out, _, raw = self._eval_outputs(self.eval_split, first_batch_only=True, task=task)
         if not self.is_main or not raw:
             return []
         count = min(count, len(next(iter(raw.values()))))
-        return self.task.render({k: v[:count] for k, v in raw.items()}, {k: v[:count] for k, v in task_out.items()},
-                                directory)
+        return task.render({k: v[:count] for k, v in raw.items()}, {k: v[:count] for k, v in task_out.items()},
+                           directory)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:

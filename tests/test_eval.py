@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from framework.errors import CheckpointError, ConfigError
-from framework.evaluate import evaluate_run, run_config
+from framework.errors import CheckpointError, ConfigError, UnknownNameError
+from framework.evaluate import evaluate_run, evaluate_tasks, parse_task_list, run_config
+from framework.train import Trainer
 from tests.conftest import REPO, run_prism
 
 
@@ -102,14 +103,66 @@ def test_a_directory_without_checkpoints_is_a_clear_error(tmp_path):
         evaluate_run(tmp_path / "missing")
 
 
+def test_several_tasks_in_one_call_equal_separate_calls(saved_run, tmp_path, monkeypatch):
+    """One process, one checkpoint restore; kNN and the probe share the backbone's features (one pass over
+    each split for both); each result equals the single-task call its ``overrides`` describe."""
+    run_dir, trained = saved_run
+    before = _checkpoint_files(run_dir)
+    passes = []
+    real_outputs = Trainer._eval_outputs
+    monkeypatch.setattr(Trainer, "_eval_outputs", lambda self, split, *a, **k: passes.append(len(split))
+                        or real_outputs(self, split, *a, **k))
+    results = evaluate_tasks(run_dir, ["linear_probe", "knn", "classification"],
+                             ["task.epochs=5", "task.k=20", "train.eval_batch_size=64"], step="latest",
+                             out_dir=tmp_path / "multi")
+    monkeypatch.undo()
+    # the shared features: one pass over the evaluation (360) and training (1437) splits; classification its own
+    assert sorted(passes) == [360, 360, 1437]
+    assert [r["task"] for r in results] == ["linear_probe", "knn", "classification"]
+    assert results[0]["overrides"] == ["train.eval_batch_size=64", "task=linear_probe", "task.epochs=5"]
+    assert results[1]["overrides"] == ["train.eval_batch_size=64", "task=knn", "task.k=20"]
+    assert results[1]["task_settings"]["k"] == 20 and results[0]["task_settings"]["probe_epochs"] == 5
+    for name, value in trained["metrics"].items():  # the run's own task, as the run reported it
+        assert results[2]["metrics"][name] == pytest.approx(value, rel=1e-5), name
+    for result in results[:2]:
+        written = json.loads((tmp_path / "multi" / result["task"] / "result.json").read_text())
+        assert written["metrics"] == result["metrics"] and written["step"] == 20
+        assert written["evaluated_with"] == ["linear_probe", "knn", "classification"]
+        alone = evaluate_run(run_dir, result["overrides"], step="latest", out_dir=tmp_path / result["task"])
+        assert alone["metrics"].keys() == result["metrics"].keys()
+        for name, value in alone["metrics"].items():
+            assert result["metrics"][name] == pytest.approx(value, rel=1e-6), name
+    assert _checkpoint_files(run_dir) == before
+
+
+def test_task_lists_and_their_errors(saved_run):
+    run_dir, _ = saved_run
+    assert parse_task_list("[linear_probe,knn]") == ["linear_probe", "knn"] and parse_task_list("knn") == ["knn"]
+    with pytest.raises(ConfigError, match=r"eval.tasks=\[linear_probe,knn\]"):
+        parse_task_list("linear_probe,knn")  # Hydra's sweep syntax
+    with pytest.raises(UnknownNameError, match=r"unknown task 'knnn'\. Did you mean: knn\?"):
+        evaluate_tasks(run_dir, ["linear_probe", "knnn"])
+    with pytest.raises(ConfigError, match="more than once"):
+        evaluate_tasks(run_dir, ["knn", "knn"])
+    with pytest.raises(ConfigError, match="eval.tasks only"):
+        evaluate_tasks(run_dir, ["knn"], ["task=linear_probe"])
+    with pytest.raises(ConfigError, match=r"'task.no_such_key=1': none of the tasks knn, linear_probe has"):
+        evaluate_tasks(run_dir, ["knn", "linear_probe"], ["task.k=3", "task.no_such_key=1"])
+
+
 @pytest.mark.slow
 def test_cli_eval(saved_run, tmp_path):
     run_dir, result = saved_run
-    out = run_prism("eval", f"checkpoint={run_dir}", "eval.step=20", f"eval.out={tmp_path / 'cli'}", cwd=REPO)
+    out = run_prism("eval", f"checkpoint={run_dir}", "eval.step=20", "eval.tasks=[classification,knn]",
+                    f"eval.out={tmp_path / 'cli'}", cwd=REPO)
     assert out.returncode == 0, out.stderr
-    line = json.loads(out.stdout.strip().splitlines()[-1])
-    assert line["step"] == 20
-    assert line["metrics"]["eval/accuracy"] == pytest.approx(result["metrics"]["eval/accuracy"], rel=1e-5)
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    assert [line["task"] for line in lines] == ["classification", "knn"] and lines[0]["step"] == 20
+    assert lines[0]["metrics"]["eval/accuracy"] == pytest.approx(result["metrics"]["eval/accuracy"], rel=1e-5)
+    assert lines[1]["out_dir"] == str(tmp_path / "cli" / "knn") and "eval/knn/top1" in lines[1]["metrics"]
+    assert "read only" not in out.stderr  # orbax's notice about the read-only manager is filtered
+    typo = run_prism("eval", f"checkpoint={run_dir}", "eval.tasks=[linear_probe,knnn]", cwd=REPO)
+    assert typo.returncode == 2 and "unknown task 'knnn'. Did you mean: knn?" in typo.stderr
     missing = run_prism("eval", f"checkpoint={run_dir}", "eval.step=7", cwd=REPO)
     assert missing.returncode == 2 and "no checkpoint at step 7" in missing.stderr and "[10, 20]" in missing.stderr
     no_arg = run_prism("eval", "task=classification", cwd=REPO)

@@ -17,7 +17,7 @@ from flax import nnx
 from framework.api import DataInfo
 from framework.config import compose
 from framework.errors import ConfigError
-from framework.evaluate import evaluate_run
+from framework.evaluate import evaluate_run, evaluate_tasks
 from framework.registry import TASKS
 from framework.train import Trainer, _build_plugin, prepare_images
 from plugins.tasks import knn as knn_module
@@ -182,9 +182,10 @@ def test_linear_probe_and_the_untrained_baseline_then_the_table(ssl_run, tmp_pat
     probe_cfg = LinearProbeConfig(epochs=20)
     probe = ["task=linear_probe", "task.epochs=20"]
     trained = evaluate_run(run_dir, probe, step="latest", out_dir=run_dir / "eval" / "linear_probe")
-    init = evaluate_run(run_dir, probe, step="init", out_dir=run_dir / "eval" / "linear_probe-init")
     knn = evaluate_run(run_dir, ["task=knn", "task.k=20"], step="latest", out_dir=run_dir / "eval" / "knn")
-    knn_init = evaluate_run(run_dir, ["task=knn", "task.k=20"], step="init", out_dir=run_dir / "eval" / "knn-init")
+    # the baseline as run.sh evaluates it: both tasks in one call, results in eval/init/<task>/
+    init, knn_init = evaluate_tasks(run_dir, ["linear_probe", "knn"], ["task.epochs=20", "task.k=20"], step="init",
+                                    out_dir=run_dir / "eval" / "init")
     assert trained["task_settings"]["probe_epochs"] == 20 and trained["step"] == 12 and init["step"] == "init"
     # each equals the probe trained here on features computed outside the evaluation loop: the trained
     # weights for the checkpoint, a fresh build of the same config (same seed) for init
@@ -215,6 +216,7 @@ def test_linear_probe_and_the_untrained_baseline_then_the_table(ssl_run, tmp_pat
     knn_gain = 100 * (knn["metrics"]["eval/knn/top1"] - knn_init["metrics"]["eval/knn/top1"])
     assert f"random-init baseline: simclr {probe_gain:+.2f} (linear probe), {knn_gain:+.2f} (kNN)." in text
     assert (tmp_path / "record" / "simclr" / "eval" / "knn" / "result.json").is_file()
+    assert (tmp_path / "record" / "simclr" / "eval" / "init" / "knn" / "result.json").is_file()
     assert not (tmp_path / "record" / "simclr" / "checkpoints").exists()
     # idempotent: writing again gives the same file
     assert ssl_table.main([str(run_dir), "--record", str(tmp_path / "record"), "--write", str(readme)]) == 0

@@ -4,7 +4,7 @@
 #   1. SimCLR and BYOL pre-training: prism train +experiment=simclr_fashion_mnist / byol_fashion_mnist
 #      (ARCH=resnet18: the ..._fashion_mnist_resnet18 presets; runs named simclr_resnet18, byol_resnet18)
 #   2. for each run: linear probe and weighted kNN on its frozen backbone at the last step (prism eval
-#      eval.step=latest task=linear_probe|knn; not the checkpoint chosen by the online probe's test accuracy)
+#      eval.step=latest eval.tasks=[linear_probe,knn]; not the checkpoint chosen by the online probe's test accuracy)
 #   3. the baseline: the same probe and kNN on the same architecture with the SimCLR run's initial weights,
 #      untrained (prism eval eval.step=init; BYOL's run starts from the same backbone weights: same seed)
 #   4. experiments/ssl_table.py: copies the runs' small files to experiments/ssl_fashion_mnist/<run>/ and
@@ -62,20 +62,14 @@ for method in "${METHOD_LIST[@]}"; do
   $PY -m framework train +experiment=${method}_fashion_mnist$SUFFIX dataset.path="$DATA" logging.progress=false \
       ${EPOCHS:+train.epochs=$EPOCHS} "${extra[@]}" hydra.run.dir="$RUNS/$name"
 done
-for name in "${names[@]}"; do
+for name in "${names[@]}"; do  # linear probe and kNN in one process: one checkpoint load, one feature pass
   stage eval || break
-  for task in linear_probe knn; do
-    probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
-    $PY -m framework eval checkpoint="$RUNS/$name" eval.step=latest task=$task "${probe_extra[@]}" \
-        eval.out="$RUNS/$name/eval/$task"
-  done
+  $PY -m framework eval checkpoint="$RUNS/$name" eval.step=latest "eval.tasks=[linear_probe,knn]" "${EVAL_EXTRA[@]}" \
+      eval.out="$RUNS/$name/eval"
 done
 if stage baseline; then  # the untrained backbone, on the first run (all start from the same weights)
-  for task in linear_probe knn; do
-    probe_extra=(); if [ $task = linear_probe ]; then probe_extra=("${EVAL_EXTRA[@]}"); fi
-    $PY -m framework eval checkpoint="$RUNS/${names[0]}" eval.step=init task=$task "${probe_extra[@]}" \
-        eval.out="$RUNS/${names[0]}/eval/$task-init"
-  done
+  $PY -m framework eval checkpoint="$RUNS/${names[0]}" eval.step=init "eval.tasks=[linear_probe,knn]" "${EVAL_EXTRA[@]}" \
+      eval.out="$RUNS/${names[0]}/eval/init"
 fi
 
 {

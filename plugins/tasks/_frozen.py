@@ -6,6 +6,11 @@ step (eval mode: BatchNorm running statistics, no dropout). It sets ``reference_
 evaluation computes the same outputs over the training split and hands them to ``summarize`` as
 ``reference``: the kNN classifier looks its neighbours up there, the linear probe trains on them. The
 backbone is never updated by these tasks; the evaluation metric is a property of the frozen features.
+
+The outputs depend on nothing but the model and the batch (each task transforms the features in its
+``summarize``: kNN normalizes them, the probe standardizes them), so every such task returns the same
+:meth:`~FrozenFeatureTask.eval_outputs_key`: evaluating kNN and the probe in one process
+(``prism eval eval.tasks=[linear_probe,knn]``) runs the backbone over each split once.
 """
 
 from __future__ import annotations
@@ -27,12 +32,11 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class FrozenFeatureTask(Task):
-    """Outputs ``features`` (optionally L2-normalized) and ``label`` per example; needs ``reference``."""
+    """Outputs the raw ``features`` and ``label`` per example; needs ``reference``."""
 
     name: str = "frozen_features"
     batch_keys = ("image", "label")
     reference_split: str | None = "train"
-    normalize: bool = False
 
     def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         if not callable(getattr(model, "features", None)):
@@ -42,9 +46,11 @@ class FrozenFeatureTask(Task):
         if features.ndim != 2:
             raise ConfigError(f"task {self.name!r}: model.features(x) must return (batch, num_features), got "
                               f"shape {features.shape}")
-        if self.normalize:
-            features = l2_normalize(features)
         return {"features": jax.lax.stop_gradient(features), "label": batch["label"].astype(jnp.int32)}
+
+    def eval_outputs_key(self) -> object:
+        """The ``eval_outputs`` function itself: tasks that do not override it share its outputs."""
+        return type(self).eval_outputs
 
     def split_outputs(self, outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

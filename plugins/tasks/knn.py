@@ -27,7 +27,7 @@ import numpy as np
 from framework.api import DataInfo
 from framework.errors import ConfigError
 from framework.registry import TASKS
-from plugins.tasks._frozen import FrozenFeatureTask
+from plugins.tasks._frozen import FrozenFeatureTask, l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ def top_k_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 class KNN(FrozenFeatureTask):
     name = "knn"
-    normalize = True
 
     def __init__(self, cfg: KNNConfig, num_classes: int) -> None:
         if cfg.k < 1:
@@ -99,6 +98,7 @@ class KNN(FrozenFeatureTask):
     def summarize(self, outputs: Mapping[str, np.ndarray],
                   reference: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         ref_x, ref_y, x, y = self.split_outputs(outputs, reference)
+        ref_x, x = (np.asarray(l2_normalize(jnp.asarray(f))) for f in (ref_x, x))
         if self.k > len(ref_x):
             log.warning("task.k=%d exceeds the %d reference examples: using k=%d", self.k, len(ref_x), len(ref_x))
         scores = weighted_knn_scores(ref_x, ref_y, x, k=self.k, temperature=self.temperature,
