@@ -245,7 +245,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), step: str | int
     freshly initialized), its config changed by ``overrides``; returns ``(trainer, step restored)``."""
     run_dir = Path(run_dir)
     saved = saved_config(run_dir, step)
-    trainer = Trainer(run_config(saved, overrides), out_dir or run_dir / "eval")
+    trainer = Trainer(run_config(saved, overrides), out_dir or run_dir / "eval", initialize=step == "init")
     return trainer, restore(trainer, run_dir, saved, step)
 
 
@@ -293,7 +293,7 @@ def _evaluate(run_dir: Path, saved: dict, plans: list[_Plan], step: str | int, r
     """Build the run once (with the first plan's config), build every plan's task, restore the checkpoint once,
     then evaluate and write each task. A result's ``wall_s`` is what its task added to the process: the first
     one also pays building and restoring the run, and outputs that later tasks reuse."""
-    trainer = Trainer(plans[0].cfg, root)
+    trainer = Trainer(plans[0].cfg, root, initialize=step == "init")  # else the checkpoint gives the weights
     tasks = [trainer.task, *(trainer.build_task(plan.cfg.task) for plan in plans[1:])]
     restored = restore(trainer, run_dir, saved, step)
     shared = {} if len(plans) > 1 else None  # outputs by (split, eval_outputs_key), while the state is fixed

@@ -147,7 +147,9 @@ class _Preemption:
 class Trainer:
     """Builds every part of a run from ``cfg`` and trains it in ``run_dir``."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, initialize: bool = True) -> None:
+        """``initialize=False`` skips computing the initial weights (``state`` stays None, ``abstract_state``
+        describes it) for callers that restore a checkpoint next: evaluation and prediction."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,7 @@ class Trainer:
         self.eval_batch_size = t.eval_batch_size or t.batch_size
         self.eval_host = parallel.host_batch_slice(self.eval_batch_size, self.mesh)
         self.optimizer = build_optimizer(cfg, updates=self.updates)
-        self._build_state()
+        self._build_state(initialize)
         self._compile_steps()
         self.checkpointer: Checkpointer | None = None  # opened by fit(), closed when it returns
 
@@ -189,8 +191,9 @@ class Trainer:
                                   data=self.info, rngs=rngs)
         return System(model, objective)
 
-    def _build_state(self) -> None:
-        """Create parameters and optimizer state directly with their shardings (no host copy)."""
+    def _build_state(self, initialize: bool = True) -> None:
+        """Create parameters and optimizer state directly with their shardings (no host copy); without
+        ``initialize`` only their abstract description (shapes, dtypes, shardings)."""
         key = jax.random.key(self.cfg.seed)
         abstract_system = nnx.eval_shape(lambda: self._create_system(key))
         if self.compute_dtype != jnp.float32:
@@ -216,8 +219,11 @@ class Trainer:
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state,
             self.state_shardings)
-        self.state = jax.jit(init, out_shardings=self.state_shardings)(key)
-        self.pretrained = self._load_pretrained()
+        self.state: TrainState | None = None
+        self.pretrained: ImportReport | None = None
+        if initialize:
+            self.state = jax.jit(init, out_shardings=self.state_shardings)(key)
+            self.pretrained = self._load_pretrained()
         self.param_count = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
 
     def _has_checkpoint_to_resume(self) -> bool:

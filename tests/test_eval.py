@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from framework.errors import CheckpointError, ConfigError, UnknownNameError
-from framework.evaluate import evaluate_run, evaluate_tasks, parse_task_list, run_config
+from framework.evaluate import evaluate_run, evaluate_tasks, load_run, parse_task_list, run_config
 from framework.train import Trainer
 from tests.conftest import REPO, run_prism
 
@@ -48,6 +48,19 @@ def test_init_step_is_the_untrained_architecture(saved_run, tmp_path):
     untrained = evaluate_run(run_dir, step="init", out_dir=tmp_path / "init")
     assert untrained["step"] == "init"
     assert untrained["metrics"]["eval/loss"] > trained["eval/loss"] + 0.05  # 20 steps do lower the loss
+
+
+def test_a_restored_run_skips_the_initial_weights_it_would_overwrite(saved_run, tmp_path):
+    import jax
+
+    run_dir, _ = saved_run
+    trainer, step = load_run(run_dir, step="latest", out_dir=tmp_path / "latest")
+    assert step == 20 and int(trainer.state.step) == 20
+    fresh, none = load_run(run_dir, step="init", out_dir=tmp_path / "init")
+    assert none is None and int(fresh.state.step) == 0
+    bare = Trainer(trainer.cfg, tmp_path / "bare", initialize=False)
+    assert bare.state is None
+    assert jax.tree.structure(bare.abstract_state) == jax.tree.structure(trainer.state)
 
 
 def test_init_step_needs_only_the_runs_hydra_config(saved_run, tmp_path):
