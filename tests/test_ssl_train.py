@@ -43,6 +43,7 @@ def _local(tree):
 
 @pytest.fixture(scope="module")
 def simclr_run(tmp_path_factory):
+    # test_ssl_eval's run uses the same schedule and rate (one train step program for both)
     run_dir = tmp_path_factory.mktemp("simclr")
     cfg = ssl_config("simclr", "simclr", "task=ssl", "checkpoint.best_metric=eval/online_probe/top1",
                      "schedule=constant", "optimizer.lr=0.01", "train.steps=40", "train.eval_every=10")
