@@ -129,8 +129,8 @@ def test_cosine_tau_schedule():
 # -- objectives built directly (no trainer) ----------------------------------------------------------
 
 def _model(seed: int = 0):
-    """The backbone, initialised by one jitted program as the trainer does (built eagerly, every initializer
-    is a separate XLA compile: ~10 s here)."""
+    """The backbone, initialised by one jitted program with the trainer's CPU init options (built eagerly,
+    every initializer is a separate, slow XLA compile: ~10 s here)."""
     build = lambda: MODELS.get("simple_cnn").builder(SimpleCNNConfig(widths=[8, 16]), data=INFO,  # noqa: E731
                                                      rngs=nnx.Rngs(seed))
     graphdef, _ = nnx.split(nnx.eval_shape(build))
