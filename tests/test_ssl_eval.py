@@ -136,12 +136,14 @@ def test_summarize_without_reference_says_so():
 
 @pytest.fixture(scope="module")
 def ssl_run(tmp_path_factory):
-    """A tiny SimCLR pre-training on digits (8x8 crops), checkpointed."""
+    """A tiny SimCLR pre-training on digits (8x8 crops), checkpointed. Its optimizer settings are those of
+    ``test_ssl_train``'s SimCLR run (a constant rate does not depend on the number of steps), so both runs
+    have the same train step program and the second one takes it from the compilation cache."""
     from test_ssl_train import ssl_config
 
     run_dir = tmp_path_factory.mktemp("ssl_eval") / "simclr"
-    cfg = ssl_config("simclr", "simclr", "task=ssl", "train.steps=12", "train.eval_every=12", "checkpoint.best_metric=",
-                     "checkpoint.async_save=false")
+    cfg = ssl_config("simclr", "simclr", "task=ssl", "schedule=constant", "optimizer.lr=0.01", "train.steps=12",
+                     "train.eval_every=12", "checkpoint.best_metric=", "checkpoint.async_save=false")
     trainer = Trainer(cfg, run_dir)
     trainer.fit()
     return trainer, run_dir

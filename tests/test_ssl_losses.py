@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from framework.api import DataInfo
 from framework.errors import ConfigError
 from framework.registry import MODELS
-from framework.train import System
+from framework.train import RUN_ONCE, System
 from plugins.models.simple_cnn import SimpleCNNConfig
 from plugins.objectives._ssl_common import EMATarget, cosine_tau
 from plugins.objectives.byol import BYOLConfig, build_byol, symmetric_byol_loss
@@ -129,7 +129,12 @@ def test_cosine_tau_schedule():
 # -- objectives built directly (no trainer) ----------------------------------------------------------
 
 def _model(seed: int = 0):
-    return MODELS.get("simple_cnn").builder(SimpleCNNConfig(widths=[8, 16]), data=INFO, rngs=nnx.Rngs(seed))
+    """The backbone, initialised by one jitted program with the trainer's CPU init options (built eagerly,
+    every initializer is a separate, slow XLA compile: ~10 s here)."""
+    build = lambda: MODELS.get("simple_cnn").builder(SimpleCNNConfig(widths=[8, 16]), data=INFO,  # noqa: E731
+                                                     rngs=nnx.Rngs(seed))
+    graphdef, _ = nnx.split(nnx.eval_shape(build))
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()), compiler_options=RUN_ONCE)())
 
 
 def _batch(n: int = 16, views: int = 2, seed: int = 0) -> dict:
@@ -200,7 +205,7 @@ def test_byol_target_is_state_not_params_and_gets_no_gradient():
         s = nnx.merge(graphdef, params, targets, others, copy=True)
         return s.objective(s.model, batch, jax.random.key(0))[0]
 
-    grad_params, grad_targets = jax.grad(loss_fn, argnums=(0, 1))(params, targets)
+    grad_params, grad_targets = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(params, targets)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grad_targets))
     assert len(jax.tree.leaves(grad_targets)) == n_backbone + n_projector
     for part in ("projector", "predictor"):
