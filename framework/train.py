@@ -56,6 +56,7 @@ RUN_ONCE = {"xla_backend_optimization_level": 0}
 def _run_once_options() -> dict | None:
     return RUN_ONCE if jax.default_backend() == "cpu" else None
 
+
 log = logging.getLogger("prism")
 
 
