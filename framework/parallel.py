@@ -9,6 +9,7 @@ then feeds its own slice of the global batch (:func:`host_batch_slice`).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from framework.layers import BatchNorm
 
 DATA_AXES = ("data", "fsdp")
 BATCH_STATS = ("global", "per_device")
+
+log = logging.getLogger("prism")
 
 #: A generic launcher describes the processes with these (JAX itself reads only the address).
 COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
@@ -176,8 +179,8 @@ def set_batch_stats(module: nnx.Module, mode: str, mesh: Mesh) -> list[str]:
     """Apply ``parallel.batch_stats`` to every :class:`framework.layers.BatchNorm` in ``module``: ``per_device``
     gives each one as many statistics groups as the batch has data shards (``global``: one group).
 
-    Returns the paths of plain ``nnx.BatchNorm`` layers, which keep global statistics either way (the
-    trainer warns about them under ``per_device``)."""
+    Returns the paths of plain ``nnx.BatchNorm`` layers, which keep global statistics either way (logged as a
+    warning under ``per_device`` on several devices)."""
     if mode not in BATCH_STATS:
         raise ConfigError(f"parallel.batch_stats must be one of {', '.join(BATCH_STATS)}, got {mode!r}")
     groups = mesh.size if mode == "per_device" else 1
@@ -187,4 +190,8 @@ def set_batch_stats(module: nnx.Module, mode: str, mesh: Mesh) -> list[str]:
             layer.stat_groups = groups
         elif isinstance(layer, nnx.BatchNorm):
             plain.append("/".join(map(str, path)))
+    if plain and groups > 1:
+        log.warning("parallel.batch_stats=per_device: %d BatchNorm layer(s) are plain nnx.BatchNorm and keep "
+                    "global statistics (build them with framework.layers.BatchNorm): %s", len(plain),
+                    ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
     return plain

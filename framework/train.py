@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import math
 import os
 import signal
@@ -56,8 +55,6 @@ RUN_ONCE = {"xla_backend_optimization_level": 0}
 def _run_once_options() -> dict | None:
     return RUN_ONCE if jax.default_backend() == "cpu" else None
 
-
-log = logging.getLogger("prism")
 
 
 class System(nnx.Module):
@@ -209,11 +206,7 @@ class Trainer:
         abstract_system = nnx.eval_shape(lambda: self._create_system(key))
         if self.compute_dtype != jnp.float32:
             _set_compute_dtype(abstract_system, self.compute_dtype)
-        plain = parallel.set_batch_stats(abstract_system, self.cfg.parallel.batch_stats, self.mesh)
-        if plain and self.cfg.parallel.batch_stats == "per_device" and self.mesh.size > 1:
-            log.warning("parallel.batch_stats=per_device: %d BatchNorm layer(s) are plain nnx.BatchNorm and keep "
-                        "global statistics (build them with framework.layers.BatchNorm): %s", len(plain),
-                        ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
+        parallel.set_batch_stats(abstract_system, self.cfg.parallel.batch_stats, self.mesh)
         self.graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
         abstract_system.eval()
         self.eval_graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)

@@ -3,6 +3,8 @@ norm with several, and free of cross-device reductions when each group is one de
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,7 +112,7 @@ def test_one_group_per_device_keeps_the_reductions_on_the_device():
     np.testing.assert_allclose(local_y, ours(jnp.asarray(_input())), rtol=1e-5, atol=1e-6)
 
 
-def test_set_batch_stats_reaches_every_prism_batch_norm_and_reports_plain_ones():
+def test_set_batch_stats_reaches_every_prism_batch_norm_and_reports_plain_ones(caplog):
     class Net(nnx.Module):
         def __init__(self):
             self.a = BatchNorm(3, rngs=nnx.Rngs(0))
@@ -118,9 +120,15 @@ def test_set_batch_stats_reaches_every_prism_batch_norm_and_reports_plain_ones()
             self.c = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
 
     net, mesh = Net(), parallel.make_mesh()
-    assert parallel.set_batch_stats(net, "per_device", mesh) == ["c"]
+    with caplog.at_level(logging.WARNING, logger="prism"):
+        assert parallel.set_batch_stats(net, "per_device", mesh) == ["c"]
     assert net.a.stat_groups == net.b[0].stat_groups == 4
-    parallel.set_batch_stats(net, "global", mesh)
+    assert "1 BatchNorm layer(s) are plain nnx.BatchNorm and keep global statistics" in caplog.text
+    assert caplog.text.rstrip().endswith(": c")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prism"):
+        parallel.set_batch_stats(net, "global", mesh)
     assert net.a.stat_groups == net.b[0].stat_groups == 1
+    assert not caplog.text  # global statistics: nothing to warn about
     with pytest.raises(ConfigError, match="parallel.batch_stats must be one of global, per_device, got 'local'"):
         parallel.set_batch_stats(net, "local", mesh)
