@@ -56,7 +56,6 @@ def _run_once_options() -> dict | None:
     return RUN_ONCE if jax.default_backend() == "cpu" else None
 
 
-
 class System(nnx.Module):
     """What is trained: the model and the objective (with any trainable parts the objective owns)."""
 
