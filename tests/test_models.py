@@ -398,3 +398,22 @@ def test_model_summary_resnet18():
     small = model_summary("resnet18", image_shape=(32, 32, 3), num_classes=10, cfg=config("resnet18", stem="cifar"))
     assert small["params"] == REFERENCE_PARAMS["resnet18"] - 512 * 990 - 990 - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64
     assert 0.5 < small["gflops"] < 1.2  # the CIFAR stem keeps 32x32 maps: ~0.56 GMACs
+
+
+def test_unoptimized_cpu_init_equals_the_optimized_compile_up_to_rounding():
+    """framework.train.RUN_ONCE (init programs compiled without LLVM optimization on CPU) changes the initial
+    weights by rounding only: the same draws, no FMA contraction."""
+    from framework.train import RUN_ONCE
+
+    def init():
+        cfg = dataclasses.replace(MODELS.get("simple_cnn").default_config(), widths=[8, 16])
+        model = MODELS.build("simple_cnn", cfg, data=DataInfo(num_classes=10, image_shape=(8, 8, 1)),
+                             rngs=nnx.Rngs(0))
+        return nnx.state(model, nnx.Param)
+
+    fast_compile, optimized = jax.jit(init, compiler_options=RUN_ONCE)(), jax.jit(init)()
+    pairs = list(zip(jax.tree.leaves(fast_compile), jax.tree.leaves(optimized), strict=True))
+    assert len(pairs) >= 6
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert any(np.std(np.asarray(a)) > 0 for a, _ in pairs)  # real random draws, not constants
