@@ -38,6 +38,19 @@ def run_prism(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300
                           capture_output=True, timeout=timeout)
 
 
+def finish_all(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
+    """Wait for processes started together (peers of one distributed run), kill any left on the way out, and
+    assert each exited 0 (showing the end of a failed one's output); returns their outputs."""
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
 def read_result(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "result.json").read_text())
 

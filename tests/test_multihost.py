@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import FAST, REPO, read_result
+from conftest import FAST, REPO, finish_all, read_result
 
 OVERRIDES = [*FAST, "train.log_every=1", "checkpoint.enabled=false", "logging.tensorboard=false"]
 
@@ -45,13 +45,7 @@ def test_two_processes_train_like_one(tmp_path):
                             "PRISM_NUM_PROCESSES": "2", "PRISM_PROCESS_ID": str(i)})
         for i in range(2)
     ]
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    finish_all(procs, timeout=240)
     single = _launch(single_dir, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     out = single.communicate(timeout=240)[0]
     assert single.returncode == 0, out[-3000:]

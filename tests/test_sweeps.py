@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import REPO, read_result, run_prism
+from conftest import REPO, finish_all, read_result, run_prism
 
 from framework.cli import check_group_choices
 from framework.errors import ConfigError
@@ -229,13 +229,7 @@ def test_two_slurm_tasks_initialize_jax_distributed(tmp_path):
                               stderr=subprocess.STDOUT,
                               env={**base, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
              for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    finish_all(procs, timeout=300)
     result = read_result(run_dir)
     assert (result["processes"], result["devices"], result["status"]) == (2, 4, "completed")
 
