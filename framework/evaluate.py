@@ -211,7 +211,10 @@ def saved_config(run_dir: str | Path, step: str | int | None = None) -> dict:
     (fresh weights need only the config) a run without checkpoints serves Hydra's ``.hydra/config.yaml``."""
     run_dir = Path(run_dir)
     hydra_config = run_dir / HYDRA_CONFIG
-    if step == "init" and not _has_checkpoints(run_dir) and hydra_config.is_file():
+    if step == "init" and not _has_checkpoints(run_dir):
+        if not hydra_config.is_file():
+            raise CheckpointError(f"eval.step=init needs the run's config: {run_dir} has neither checkpoints nor "
+                                  f"{HYDRA_CONFIG}")
         return OmegaConf.to_container(OmegaConf.load(hydra_config), resolve=True)
     probe = _checkpointer(run_dir)
     try:

@@ -10,6 +10,9 @@ group. Each group is exactly one device's contiguous shard, so the reductions st
 DDP's default BatchNorm, Goyal et al. 2017's per-worker statistics). The running statistics are the mean over
 the groups, updated once per step (their all-reduce is off the critical path and XLA combines it with the
 gradients').
+
+Why not flax's own option: ``nnx.BatchNorm(axis_index_groups=...)`` groups devices only inside
+``shard_map``/``pmap`` (its docstring: not supported for SPMD jit), and prism's step is SPMD jit.
 """
 
 from __future__ import annotations

@@ -79,6 +79,10 @@ def test_init_step_needs_only_the_runs_hydra_config(saved_run, tmp_path):
     assert from_hydra_config["step"] == "init" and from_hydra_config["metrics"] == from_checkpoint["metrics"]
     with pytest.raises(CheckpointError, match="no checkpoints in"):
         evaluate_run(bare, step="latest", out_dir=tmp_path / "latest")
+    (bare / ".hydra" / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"eval.step=init needs the run's config: .* has neither checkpoints nor "
+                                              r"\.hydra/config.yaml"):
+        evaluate_run(bare, step="init", out_dir=tmp_path / "nothing")
 
 
 def test_overrides_change_the_evaluation_not_the_model(saved_run, tmp_path):
