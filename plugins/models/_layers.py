@@ -63,9 +63,77 @@ def linear(in_f: int, out_f: int, *, rngs: nnx.Rngs, kernel_init=torch_default, 
     return nnx.Linear(in_f, out_f, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
 
-def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
-    """PyTorch ``MaxPool2d(kernel, stride, padding)`` (floor mode; padding counts as -inf)."""
-    return nnx.max_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
+def space_to_depth_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
+    """``layer(x)`` for a square strided conv (explicit padding, no groups or dilation), computed as a
+    stride-1 conv on the space-to-depth rearranged input.
+
+    Each ``s x s`` block of input pixels (``s`` the stride) becomes one pixel with ``s * s`` times the
+    channels, and the kernel, zero-padded to a multiple of ``s`` taps, is rearranged the same way: a 7x7
+    stride-2 conv on 224x224x3 becomes a 4x4 stride-1 conv on 115x115x12. The same function of the same
+    parameters (torchvision weights load unchanged), up to float summation order; GPUs run the stride-1,
+    12-channel form better than a strided conv whose 3 input channels tensor cores must pad (MLPerf's
+    ResNet-50 stems do the same).
+    """
+    if layer.feature_group_count != 1 or any(d not in (None, 1, (1, 1)) for d in
+                                            (layer.input_dilation, layer.kernel_dilation)):
+        raise ValueError("space_to_depth_conv needs a conv without groups or dilation")
+    strides = layer.strides if isinstance(layer.strides, (tuple, list)) else (layer.strides,) * 2
+    if isinstance(layer.padding, str) or len(set(strides)) != 1 or len(set(layer.kernel_size)) != 1:
+        raise ValueError(f"space_to_depth_conv needs a square kernel, one stride and explicit padding; got "
+                         f"kernel {layer.kernel_size}, strides {layer.strides}, padding {layer.padding!r}")
+    (s,), (k,) = set(strides), set(layer.kernel_size)
+    kernel = layer.kernel[...]
+    bias = layer.bias[...] if layer.bias is not None else None
+    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+    n, h, w, c = x.shape
+    taps = -(-k // s)  # kernel taps per axis after the rearrangement
+    kernel = jnp.pad(kernel, ((0, taps * s - k), (0, taps * s - k), (0, 0), (0, 0)))
+    kernel = kernel.reshape(taps, s, taps, s, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(taps, taps, s * s * c, -1)
+    pads = []
+    for size, (low, high) in zip((h, w), layer.padding, strict=True):
+        out = (size + low + high - k) // s + 1
+        pads.append((low, s * (out + taps - 1) - size - low, 0))  # the rows the outputs read (may crop)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
+    _, hp, wp, _ = x.shape
+    x = x.reshape(n, hp // s, s, wp // s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp // s, wp // s, s * s * c)
+    y = conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                             precision=layer.precision)
+    return y if bias is None else y + bias
+
+
+#: How :func:`max_pool` computes: ``"slices"`` or ``"window"`` (see there).
+MAX_POOL_IMPLS = ("slices", "window")
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0, *, impl: str = "slices") -> jax.Array:
+    """PyTorch ``MaxPool2d(kernel, stride, padding)`` on NHWC (floor mode; padding counts as -inf).
+
+    ``impl="slices"`` (default) takes the elementwise maximum of the ``kernel**2`` strided slices of the padded
+    input; ``"window"`` is XLA's ``reduce_window`` (``nnx.max_pool``). Both give the same values. Their
+    gradients differ in where they are computed, and only at exact ties: ``reduce_window``'s is a
+    ``select_and_scatter`` (all of a window's gradient to its first maximum), the slices' a chain of
+    elementwise selects that XLA fuses into one pass (tied maxima share the gradient). On an H100 the
+    scatter was the single slowest fusion of a ResNet-50 training step (benchmarks/RESULTS.md).
+    """
+    if impl == "window":
+        return nnx.max_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
+    if impl != "slices":
+        raise ValueError(f"max_pool impl must be one of {MAX_POOL_IMPLS}, got {impl!r}")
+    if padding:
+        low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+        pad = (0, 0), (padding, padding), (padding, padding), (0, 0)
+        x = jnp.pad(x, pad, constant_values=jnp.asarray(low, x.dtype))
+    n, h, w, c = x.shape
+    out_h, out_w = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"max_pool window {kernel} (padding {padding}) is larger than the input {h}x{w}")
+    out = None
+    for i in range(kernel):
+        for j in range(kernel):
+            tap = jax.lax.slice(x, (0, i, j, 0), (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                                (1, stride, stride, 1))
+            out = tap if out is None else jnp.maximum(out, tap)
+    return out
 
 
 def avg_pool(x: jax.Array, kernel: int, stride: int) -> jax.Array:
