@@ -27,6 +27,7 @@ INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*"  # name =
                          r"(\(.*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"  # result type (a tuple or an array)
                          r"([\w\-]+)\((.*?)\)")  # opcode(operands)
 KIND = re.compile(r"kind=(\w+)")
+DEDUPLICATED = re.compile(r'deduplicated_name="([^"]+)"')
 
 
 def shape_bytes(text: str) -> int:
@@ -39,10 +40,39 @@ def shape_bytes(text: str) -> int:
     return total
 
 
-def hlo_fusions(hlo_dir: Path) -> dict[str, tuple[int, int, str]]:
-    """Kernel name -> (bytes read, bytes written, fusion kind) from the optimized HLO text dumps: a fusion's
-    operands are looked up by name among the module's instructions (the text prints them without shapes)."""
-    found: dict[str, tuple[int, int, str]] = {}
+TOKEN = re.compile(r"\(|\)|\b(?:" + "|".join(BYTES) + r")\[[\d,]*\]")
+
+
+def parse_type(text: str):
+    """An HLO type as nested lists of ``dtype[dims]`` strings: ``(f32[2], (bf16[3], s32[]))``."""
+    stack: list[list] = [[]]
+    for token in TOKEN.findall(text):
+        if token == "(":
+            stack.append([])
+        elif token == ")":
+            done = stack.pop()
+            stack[-1].append(done)
+        else:
+            stack[-1].append(token)
+    return stack[0][0] if len(stack[0]) == 1 else stack[0]
+
+
+def operand_bytes(operand: str, types: dict[str, str]) -> int:
+    """Bytes of ``name`` or of ``name#i#j`` (element j of element i of a tuple-shaped instruction)."""
+    name, *path = operand.split("#")
+    node = parse_type(types.get(name, ""))
+    for i in path:
+        node = node[int(i)]
+    return shape_bytes(str(node))
+
+
+def hlo_fusions(hlo_dir: Path) -> dict[str, tuple[int, int, str, int]]:
+    """Kernel name -> (bytes read, bytes written, fusion kind, launches per step) from the optimized HLO text.
+
+    A fusion's operands are looked up by name among the module's instructions (the text prints them without
+    shapes). XLA compiles identical fusions once (``deduplicated_name``) and the trace names all their launches
+    after one of them, so a kernel's bytes are those of every fusion sharing its ``deduplicated_name``."""
+    found: dict[str, tuple[int, int, str, int]] = {}
     for path in sorted(hlo_dir.glob("*after_optimizations.txt")):
         types: dict[str, str] = {}
         fusions = []
@@ -53,13 +83,22 @@ def hlo_fusions(hlo_dir: Path) -> dict[str, tuple[int, int, str]]:
             name, result, opcode, operands = m.groups()
             types[name] = result
             if opcode == "fusion":
-                kind = KIND.search(line)
-                fusions.append((name, result, operands, kind.group(1) if kind else "?"))
-        for name, result, operands, kind in fusions:
-            names = [o.strip().lstrip("%") for o in operands.split(",") if o.strip()]
-            read = sum(shape_bytes(types.get(o, "")) for o in names)
-            found[name.replace(".", "_").replace("-", "_")] = (read, shape_bytes(result), kind)
+                kind, group = KIND.search(line), DEDUPLICATED.search(line)
+                fusions.append((name, result, operands, kind.group(1) if kind else "?",
+                                group.group(1) if group else name))
+        groups: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+        for _, result, operands, _, group in fusions:
+            operands = re.sub(r"/\*.*?\*/", "", operands)  # /*index=5*/ comments
+            read = sum(operand_bytes(o.strip().lstrip("%"), types) for o in operands.split(",") if o.strip())
+            groups[group].append((read, shape_bytes(result)))
+        for name, _, _, kind, group in fusions:
+            members = groups[group]
+            found[_kernel_name(name)] = (sum(r for r, _ in members), sum(w for _, w in members), kind, len(members))
     return found
+
+
+def _kernel_name(hlo_name: str) -> str:
+    return hlo_name.replace(".", "_").replace("-", "_")
 
 
 def kernel_times(profile_dir: Path) -> dict[str, float]:
@@ -88,17 +127,18 @@ def report(profile_dir: Path, hlo_dir: Path, steps: int, peak_gbs: float, top: i
             if "fusion" in name:
                 unmatched_ms += ms
             continue
-        read, written, kind = fusions[name]
+        read, written, kind, launches = fusions[name]
         gbs = (read + written) / (ms / 1e3) / 1e9
         fused_ms += ms
         ideal_ms += (read + written) / (peak_gbs * 1e9) * 1e3
-        rows.append(f"| `{name}` | {kind} | {ms:.3f} | {read / 2**20:.1f} | {written / 2**20:.1f} | {gbs:,.0f} | "
-                    f"{gbs / peak_gbs:.0%} |")
+        rows.append(f"| `{name}` | {kind} | {launches} | {ms:.3f} | {read / 2**20:.1f} | {written / 2**20:.1f} | "
+                    f"{gbs:,.0f} | {gbs / peak_gbs:.0%} |")
     head = [f"{total_ms:.1f} ms of device time per step ({steps} traced steps); fusions found in the HLO: "
             f"{fused_ms:.1f} ms ({fused_ms / total_ms:.0%}), moving their bytes at {peak_gbs:,.0f} GB/s would take "
             f"{ideal_ms:.1f} ms (time-weighted bandwidth {ideal_ms / fused_ms:.0%} of peak); fusion kernels not "
             f"found in the HLO: {unmatched_ms:.1f} ms.", "",
-            "| fusion | kind | ms/step | MiB read | MiB written | GB/s | of peak |", "|---|---|---|---|---|---|---|"]
+            "| fusion kernel | kind | launches | ms/step | MiB read | MiB written | GB/s | of peak |",
+            "|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + rows[:top])
 
 

@@ -10,10 +10,7 @@ out=${1:?usage: resnet50_ab.sh OUT_DIR}
 out=$(mkdir -p "$out" && cd "$out" && pwd)
 here=$(cd "$(dirname "$0")/.." && pwd)
 steps=${STEPS:-100}
-default_variants="direct_window|model.stem_conv=direct model.stem_pool=window|;\
-slices|model.stem_conv=direct model.stem_pool=slices|;\
-space_to_depth|model.stem_conv=space_to_depth model.stem_pool=window|;\
-both|model.stem_conv=space_to_depth model.stem_pool=slices|"
+default_variants="direct|model.stem_conv=direct|;space_to_depth|model.stem_conv=space_to_depth|"
 variants=${VARIANTS:-$default_variants}
 common=(model=resnet50 dataset=synthetic dataset.train_size=2048 dataset.num_classes=1000 train.batch_size=256
         precision=bf16 optimizer=sgd optimizer.lr=0.1 optimizer.weight_decay=1e-4 schedule=constant augment=none

@@ -1,6 +1,5 @@
-"""The alternative computations of shared model layers compute the same function as the plain ones:
-max-pool as a maximum of strided slices (against XLA's ``reduce_window`` and a NumPy max-pool), a strided
-conv as a space-to-depth stride-1 conv (against ``nnx.Conv`` itself), and a ResNet with either stem."""
+"""A strided conv computed as a space-to-depth stride-1 conv is the same function as ``nnx.Conv`` itself
+(values and kernel gradient), and a ResNet gives the same logits with either stem computation."""
 
 from __future__ import annotations
 
@@ -12,45 +11,7 @@ from flax import nnx
 
 from framework.api import DataInfo
 from framework.registry import MODELS
-from plugins.models._layers import conv, max_pool, space_to_depth_conv
-
-
-def _numpy_max_pool(x: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
-    """PyTorch MaxPool2d semantics on NHWC, written out with loops."""
-    x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-np.inf)
-    n, h, w, c = x.shape
-    oh, ow = (h - kernel) // stride + 1, (w - kernel) // stride + 1
-    out = np.empty((n, oh, ow, c), x.dtype)
-    for i in range(oh):
-        for j in range(ow):
-            out[:, i, j] = x[:, i * stride:i * stride + kernel, j * stride:j * stride + kernel].max(axis=(1, 2))
-    return out
-
-
-@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 2, 1, (9, 8)), (2, 2, 0, (8, 7)), (3, 2, 0, (11, 11)),
-                                                        (3, 1, 1, (5, 6))])
-def test_max_pool_slices_equal_window_and_numpy(kernel, stride, padding, size):
-    x = np.random.default_rng(0).normal(size=(2, *size, 3)).astype(np.float32)  # continuous: no ties
-    slices = max_pool(jnp.asarray(x), kernel, stride, padding, impl="slices")
-    window = max_pool(jnp.asarray(x), kernel, stride, padding, impl="window")
-    np.testing.assert_array_equal(np.asarray(slices), np.asarray(window))
-    np.testing.assert_array_equal(np.asarray(slices), _numpy_max_pool(x, kernel, stride, padding))
-
-    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=slices.shape).astype(np.float32))
-    grads = [jax.grad(lambda v, impl=impl: (max_pool(v, kernel, stride, padding, impl=impl) * cotangent).sum())(
-        jnp.asarray(x)) for impl in ("slices", "window")]
-    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=1e-6, atol=1e-6)
-    assert np.count_nonzero(np.asarray(grads[0])) > 0
-
-
-def test_max_pool_slices_bf16_and_bad_impl():
-    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 4), jnp.bfloat16)
-    slices = max_pool(x, 3, 2, 1)
-    assert slices.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(slices, np.float32), np.asarray(max_pool(x, 3, 2, 1, impl="window"),
-                                                                               np.float32))
-    with pytest.raises(ValueError, match="impl must be one of"):
-        max_pool(x, 3, 2, 1, impl="scatter")
+from plugins.models._layers import conv, space_to_depth_conv
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size,bias", [(7, 2, 3, (32, 32), False), (7, 2, 3, (31, 29), False),
@@ -85,9 +46,9 @@ def test_resnet_stems_compute_the_same_function():
     data = DataInfo(10, (40, 40, 3))
     x = jax.random.normal(jax.random.key(2), (2, 40, 40, 3))
     logits = {}
-    for stem_conv, stem_pool in (("direct", "window"), ("space_to_depth", "slices")):
+    for stem_conv in ("direct", "space_to_depth"):
         cfg = MODELS.get("resnet18").default_config()
-        cfg.width, cfg.stem_conv, cfg.stem_pool = 8, stem_conv, stem_pool
+        cfg.width, cfg.stem_conv = 8, stem_conv
         model = MODELS.build("resnet18", cfg, data=data, rngs=nnx.Rngs(0))
         model.eval()
         logits[stem_conv] = np.asarray(model(x))

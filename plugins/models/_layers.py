@@ -101,39 +101,13 @@ def space_to_depth_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
     return y if bias is None else y + bias
 
 
-#: How :func:`max_pool` computes: ``"slices"`` or ``"window"`` (see there).
-MAX_POOL_IMPLS = ("slices", "window")
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+    """PyTorch ``MaxPool2d(kernel, stride, padding)`` (floor mode; padding counts as -inf).
 
-
-def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0, *, impl: str = "slices") -> jax.Array:
-    """PyTorch ``MaxPool2d(kernel, stride, padding)`` on NHWC (floor mode; padding counts as -inf).
-
-    ``impl="slices"`` (default) takes the elementwise maximum of the ``kernel**2`` strided slices of the padded
-    input; ``"window"`` is XLA's ``reduce_window`` (``nnx.max_pool``). Both give the same values. Their
-    gradients differ in where they are computed, and only at exact ties: ``reduce_window``'s is a
-    ``select_and_scatter`` (all of a window's gradient to its first maximum), the slices' a chain of
-    elementwise selects that XLA fuses into one pass (tied maxima share the gradient). On an H100 the
-    scatter was the single slowest fusion of a ResNet-50 training step (benchmarks/RESULTS.md).
-    """
-    if impl == "window":
-        return nnx.max_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
-    if impl != "slices":
-        raise ValueError(f"max_pool impl must be one of {MAX_POOL_IMPLS}, got {impl!r}")
-    if padding:
-        low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-        pad = (0, 0), (padding, padding), (padding, padding), (0, 0)
-        x = jnp.pad(x, pad, constant_values=jnp.asarray(low, x.dtype))
-    n, h, w, c = x.shape
-    out_h, out_w = (h - kernel) // stride + 1, (w - kernel) // stride + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"max_pool window {kernel} (padding {padding}) is larger than the input {h}x{w}")
-    out = None
-    for i in range(kernel):
-        for j in range(kernel):
-            tap = jax.lax.slice(x, (0, i, j, 0), (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                                (1, stride, stride, 1))
-            out = tap if out is None else jnp.maximum(out, tap)
-    return out
+    XLA's ``reduce_window`` (its gradient a ``select_and_scatter``). Tried and measured on an H100 ResNet-50
+    step: the maximum of the ``kernel**2`` strided slices, whose gradient is a fusable chain of selects, was
+    no faster (benchmarks/RESULTS.md)."""
+    return nnx.max_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
 
 
 def avg_pool(x: jax.Array, kernel: int, stride: int) -> jax.Array:

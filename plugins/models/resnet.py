@@ -11,7 +11,6 @@ from flax import nnx
 from framework.api import DataInfo
 from framework.registry import MODELS
 from plugins.models._layers import (
-    MAX_POOL_IMPLS,
     batch_norm,
     conv,
     linear,
@@ -43,8 +42,6 @@ class ResNetConfig:
     stem_conv: how the ImageNet stem's 7x7 stride-2 conv is computed: "space_to_depth" (a 4x4 stride-1 conv on
         2x2 blocks of pixels, :func:`~plugins.models._layers.space_to_depth_conv`) or "direct". The same
         function of the same parameters; only the speed differs.
-    stem_pool: how the ImageNet stem's 3x3 stride-2 max-pool is computed: "slices" or "window" (XLA's
-        reduce_window), see :func:`~plugins.models._layers.max_pool`. Same values; gradients differ only at ties.
     """
 
     depth: int = 50
@@ -53,7 +50,6 @@ class ResNetConfig:
     zero_init_residual: bool = False
     num_classes: int = 0
     stem_conv: str = "space_to_depth"
-    stem_pool: str = "slices"
 
 
 class _Downsample(nnx.Module):
@@ -119,13 +115,10 @@ class ResNet(nnx.Module):
             raise ValueError(f"ResNet stem must be one of {STEMS}, got {cfg.stem!r}")
         if cfg.stem_conv not in STEM_CONVS:
             raise ValueError(f"ResNet stem_conv must be one of {STEM_CONVS}, got {cfg.stem_conv!r}")
-        if cfg.stem_pool not in MAX_POOL_IMPLS:
-            raise ValueError(f"ResNet stem_pool must be one of {MAX_POOL_IMPLS}, got {cfg.stem_pool!r}")
         kind, blocks = DEPTHS[cfg.depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.imagenet_stem = cfg.stem == "imagenet"
         self.stem_space_to_depth = self.imagenet_stem and cfg.stem_conv == "space_to_depth"
-        self.stem_pool = cfg.stem_pool
         if self.imagenet_stem:
             self.conv1 = conv(in_channels, cfg.width, 7, stride=2, padding=3, rngs=rngs)
         else:
@@ -149,7 +142,7 @@ class ResNet(nnx.Module):
         x = space_to_depth_conv(self.conv1, x) if self.stem_space_to_depth else self.conv1(x)
         x = nnx.relu(self.bn1(x))
         if self.imagenet_stem:
-            x = max_pool(x, 3, 2, padding=1, impl=self.stem_pool)
+            x = max_pool(x, 3, 2, padding=1)
         for stage in self.stages:
             for blk in stage:
                 x = blk(x)
