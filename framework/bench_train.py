@@ -8,7 +8,8 @@ built from the same composed config. Two data modes:
   so the figure is the device's compute alone (use ``dataset=synthetic`` for any resolution);
 - ``pipeline``: every step takes its batch from the real host input pipeline, as training does.
 
-Reported: compile time, median step time over synced steps, images/s over an unsynced window (the
+Reported: compile time (``compile_cached`` says when the persistent compilation cache served the step
+instead, :mod:`framework.compilation_cache`), median step time over synced steps, images/s over an unsynced window (the
 loop as ``fit`` runs it), the step's convolution + matmul FLOPs (:mod:`framework.flops`; XLA's own cost
 analysis is reported beside it but misses cuDNN convolutions on GPU), MFU against the device's peak dense
 FLOP/s (known devices or ``--peak-tflops``), and peak device memory where the backend reports it.
@@ -24,7 +25,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from framework import parallel
+from framework import compilation_cache, parallel
 from framework.data import train_iterator
 from framework.errors import ConfigError
 from framework.flops import function_flops
@@ -77,10 +78,11 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
         def next_batch():
             return fixed if data == "synthetic" else parallel.global_batch(trainer.mesh, next(batches))
 
-        started = time.perf_counter()
+        started, cache_before = time.perf_counter(), compilation_cache.stats()
         lowered = trainer.train_step.lower(trainer.state, fixed)
         step = lowered.compile()
         compile_s = time.perf_counter() - started
+        compile_cached = compilation_cache.stats()["hits"] > cache_before["hits"]  # loaded, not compiled
         xla_flops = _flops(step.cost_analysis())  # backend-dependent: on GPU cuDNN convolutions count ~0
         flops = function_flops(trainer.train_step, trainer.state, fixed)  # conv + matmul, whole global batch
         state = trainer.state
@@ -121,6 +123,7 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
         "warmup": warmup,
         "build_s": round(build_s, 3),
         "compile_s": round(compile_s, 3),
+        "compile_cached": compile_cached,
         "step_ms_median": step_s * 1e3,
         "step_ms_min": min(synced) * 1e3,
         "step_ms_max": max(synced) * 1e3,
@@ -145,4 +148,5 @@ def summary_line(r: dict[str, Any]) -> str:
     mem = f", peak mem {r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else ""
     return (f"train: {r['model']}/{r['objective']} batch={r['batch_size']} {r['precision']} {r['data']} on "
             f"{r['devices']}x {r['device_kind']}: {r['img_s']:,.0f} img/s ({r['step_ms_median']:.1f} ms/step median), "
-            f"compile {r['compile_s']:.1f} s{mfu}{mem}")
+            f"compile {r['compile_s']:.1f} s{' (loaded from the compilation cache)' if r.get('compile_cached') else ''}"
+            f"{mfu}{mem}")

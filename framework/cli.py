@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from framework import __version__
+from framework import __version__, compilation_cache
 from framework.errors import ConfigError, PrismError, UnknownNameError
 from framework.parallel import apply_default_xla_flags
 from framework.sweep import SweepTracker, failure_summary, sweep_jobs
@@ -119,7 +119,10 @@ def _train_app():
             if multirun and cfg.parallel.devices_per_job > 0:
                 devices = claim_devices(cfg.parallel.devices_per_job, Path(hydra_cfg.sweep.dir) / ".devices")
                 log.info("job %s: CUDA_VISIBLE_DEVICES=%s", hydra_cfg.job.num, devices)
+            cache_before = compilation_cache.stats()
             result = Trainer(cfg, run_dir).fit()
+            if compilation_cache.directory() is not None:
+                log.info("%s (%s)", compilation_cache.summary(since=cache_before), compilation_cache.directory())
         except Exception as exc:
             write_failure(run_dir, exc)
             if multirun:  # the other jobs go on; the sweep reports this one at the end (cmd_train)
@@ -269,7 +272,8 @@ def cmd_list(args: list[str]) -> int:
         if not entries:
             print("  (none registered)" if pattern is None else f"  (none matching {pattern!r})")
         if missing:
-            from framework.model_summary import STATS_FILE, cache_dir
+            from framework.compilation_cache import cache_dir
+            from framework.model_summary import STATS_FILE
 
             print(f"(parameters and forward GFLOPs at the default input size of {missing} model(s) not computed "
                   f"yet: `prism list model{' ' + pattern if pattern else ''} --stats` computes them, seconds per "
@@ -310,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     apply_default_xla_flags()  # before anything starts a JAX backend
+    compilation_cache.enable()  # before anything compiles
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list, "bench": cmd_bench,
                 "sweep-report": cmd_sweep_report}
     if command not in handlers:

@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.compilation_cache import cache_dir
 from framework.registry import MODELS
 
 DEFAULT_IMAGE_SHAPE = (224, 224, 3)
@@ -72,14 +73,6 @@ def model_summary(name: str, image_shape: tuple[int, int, int] | None = None, nu
 
 # -- cached summaries (``prism list model --stats``) -----------------------------------------------------
 STATS_FILE = "model_stats.json"
-
-
-def cache_dir() -> Path:
-    """Where prism caches derived data: ``$PRISM_CACHE_DIR``, else ``$XDG_CACHE_HOME/prism``, else
-    ``~/.cache/prism``."""
-    if os.environ.get("PRISM_CACHE_DIR"):
-        return Path(os.environ["PRISM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prism"
 
 
 def _source_digest(module: str) -> str:
