@@ -22,6 +22,7 @@ compile time that came from the cache is never mistaken for a compile.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import threading
 from collections.abc import MutableMapping
@@ -33,6 +34,8 @@ import jax
 SWITCH_ENV = "PRISM_COMPILATION_CACHE"
 #: Size the cache may grow to before JAX evicts the least recently used programs.
 MAX_BYTES = 8 * 2**30
+
+log = logging.getLogger("prism")
 
 _HIT = "/jax/compilation_cache/cache_hits"
 _MISS = "/jax/compilation_cache/cache_misses"
@@ -84,6 +87,12 @@ def enable(environ: MutableMapping[str, str] | None = None) -> Path | None:
         _directory.append(Path(environ["JAX_COMPILATION_CACHE_DIR"]))
         return _directory[0]
     directory = cache_dir() / "jax"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a run must not fail, or warn at every compile, over its cache
+        log.warning("compilation cache off: cannot create %s (%s); set PRISM_CACHE_DIR to a writable directory, "
+                    "or %s=0", directory, exc, SWITCH_ENV)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in environ and importlib.util.find_spec("filelock"):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)  # JAX's cap needs filelock (a dependency)
@@ -109,5 +118,6 @@ def summary(since: dict[str, float] | None = None) -> str:
     :func:`enable`): ``compilation cache: 3 programs loaded (~41 s of compiling saved), 2 compiled and stored``."""
     now, before = stats(), since or {}
     s = {k: v - before.get(k, 0) for k, v in now.items()}
-    return (f"compilation cache: {s['hits']} programs loaded (~{max(0.0, s['saved_s']):.0f} s of compiling saved), "
+    programs = f"{s['hits']} program{'' if s['hits'] == 1 else 's'}"
+    return (f"compilation cache: {programs} loaded (~{max(0.0, s['saved_s']):.0f} s of compiling saved), "
             f"{s['misses']} compiled and stored")

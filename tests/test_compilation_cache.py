@@ -13,7 +13,7 @@ import jax
 from framework import compilation_cache
 from tests.conftest import FAST
 
-SUMMARY = re.compile(r"compilation cache: (\d+) programs loaded \(~\d+ s of compiling saved\), "
+SUMMARY = re.compile(r"compilation cache: (\d+) programs? loaded \(~\d+ s of compiling saved\), "
                      r"(\d+) compiled and stored \((.*)\)")
 
 
@@ -36,6 +36,20 @@ def test_enable_respects_the_switch_and_jax_own_setting(tmp_path):
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_compilation_cache_max_size", before[1])
+
+
+def test_an_unusable_cache_directory_turns_the_cache_off_with_one_warning(tmp_path, caplog):
+    (tmp_path / "a_file").write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    os.environ["PRISM_CACHE_DIR"], saved = str(tmp_path / "a_file" / "prism"), os.environ.get("PRISM_CACHE_DIR")
+    try:
+        with caplog.at_level("WARNING", logger="prism"):
+            assert compilation_cache.enable({}) is None
+    finally:
+        os.environ.pop("PRISM_CACHE_DIR") if saved is None else os.environ.update(PRISM_CACHE_DIR=saved)
+    assert jax.config.jax_compilation_cache_dir == before
+    assert compilation_cache.directory() is None
+    assert "compilation cache off: cannot create" in caplog.text and "PRISM_CACHE_DIR" in caplog.text
 
 
 def test_a_second_identical_run_loads_its_programs_from_the_cache(tmp_path):
