@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What each ResNet-50 step change buys: prism's Trainer step (bench train) in several variants, against
 # torch.compile, all on the same GPU in the same job (batch 256, 224x224, bf16, SGD, synthetic on-device batch).
-#   [STEPS=100] [VARIANTS="name|prism overrides|extra XLA flags;..."] bash benchmarks/resnet50_ab.sh OUT_DIR
+#   [STEPS=100] [MODEL=resnet50] [TORCH=1] [VARIANTS="name|prism overrides|extra XLA flags;..."] \
+#     bash benchmarks/resnet50_ab.sh OUT_DIR
+# MODEL: any registered model (the torch.compile peer runs for resnet50 and vit_b16 only; TORCH=0 skips it).
 # Writes OUT_DIR/<variant>.json and torch_compile.json, then prints a table: img/s, median step time, ratio to
 # torch.compile and to the first variant. With PROFILE=1 the last variant also writes a jax.profiler trace and
 # XLA's optimized HLO (OUT_DIR/profile, OUT_DIR/hlo) for benchmarks/trace_summary.py / fusion_bandwidth.py.
@@ -12,7 +14,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 steps=${STEPS:-100}
 default_variants="direct|model.stem_conv=direct|;space_to_depth|model.stem_conv=space_to_depth|"
 variants=${VARIANTS:-$default_variants}
-common=(model=resnet50 dataset=synthetic dataset.train_size=2048 dataset.num_classes=1000 train.batch_size=256
+model=${MODEL:-resnet50}
+common=(model=$model dataset=synthetic dataset.train_size=2048 dataset.num_classes=1000 train.batch_size=256
         precision=bf16 optimizer=sgd optimizer.lr=0.1 optimizer.weight_decay=1e-4 schedule=constant augment=none
         logging.progress=false)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" || true
@@ -20,8 +23,10 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
   > "$out/versions.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
   >> "$out/versions.txt" 2>/dev/null || true
-python3 "$here/benchmarks/torch_peer.py" --model resnet50 --batch 256 --mode compile --steps "$steps" \
-  --out "$out/torch_compile.json" || echo "torch.compile peer failed" >&2
+if [ "${TORCH:-1}" = 1 ] && { [ "$model" = resnet50 ] || [ "$model" = vit_b16 ]; }; then
+  python3 "$here/benchmarks/torch_peer.py" --model "$model" --batch 256 --mode compile --steps "$steps" \
+    --out "$out/torch_compile.json" || echo "torch.compile peer failed" >&2
+fi
 IFS=';' read -ra specs <<< "$variants"
 last=$((${#specs[@]} - 1))
 for i in "${!specs[@]}"; do

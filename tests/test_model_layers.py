@@ -1,5 +1,5 @@
 """A strided conv computed as a space-to-depth stride-1 conv is the same function as ``nnx.Conv`` itself
-(values and kernel gradient), and a ResNet gives the same logits with either stem computation."""
+(values and kernel gradient), and every model with a ``stem_conv`` option gives the same logits either way."""
 
 from __future__ import annotations
 
@@ -41,19 +41,25 @@ def test_space_to_depth_conv_refuses_what_it_cannot_compute():
         space_to_depth_conv(same, jnp.zeros((1, 8, 8, 3)))
 
 
-def test_resnet_stems_compute_the_same_function():
-    """A ResNet's stem options change how the stem is computed, not what: same parameters, same logits."""
-    data = DataInfo(10, (40, 40, 3))
-    x = jax.random.normal(jax.random.key(2), (2, 40, 40, 3))
-    logits = {}
+@pytest.mark.parametrize("name,cfg,size", [("resnet18", dict(width=8), 40), ("densenet121", dict(growth_rate=4,
+                          block_config=[1, 1], num_init_features=8), 40), ("alexnet", dict(hidden=16), 67),
+                          ("mobilenet_v2", dict(width_mult=0.25), 33)])
+def test_stem_convs_compute_the_same_function(name, cfg, size):
+    """A model's stem_conv option changes how its strided first conv is computed, not what: same parameters
+    (the direct model's weights load into the other), same logits."""
+    data = DataInfo(10, (size, size, 3))
+    x = jax.random.normal(jax.random.key(2), (2, size, size, 3))
+    models = {}
     for stem_conv in ("direct", "space_to_depth"):
-        cfg = MODELS.get("resnet18").default_config()
-        cfg.width, cfg.stem_conv = 8, stem_conv
-        model = MODELS.build("resnet18", cfg, data=data, rngs=nnx.Rngs(0))
-        model.eval()
-        logits[stem_conv] = np.asarray(model(x))
-    np.testing.assert_allclose(logits["space_to_depth"], logits["direct"], rtol=1e-4, atol=1e-4)
-    cfg = MODELS.get("resnet18").default_config()
-    cfg.stem_conv = "winograd"
+        config = MODELS.get(name).default_config()
+        for key, value in {**cfg, "stem_conv": stem_conv}.items():
+            setattr(config, key, value)
+        models[stem_conv] = MODELS.build(name, config, data=data, rngs=nnx.Rngs(0))
+        models[stem_conv].eval()
+    nnx.update(models["space_to_depth"], nnx.state(models["direct"]))
+    np.testing.assert_allclose(np.asarray(models["space_to_depth"](x)), np.asarray(models["direct"](x)), rtol=1e-4,
+                               atol=1e-4)
+    config = MODELS.get(name).default_config()
+    config.stem_conv = "winograd"
     with pytest.raises(ValueError, match="stem_conv must be one of"):
-        MODELS.build("resnet18", cfg, data=data, rngs=nnx.Rngs(0))
+        MODELS.build(name, config, data=data, rngs=nnx.Rngs(0))

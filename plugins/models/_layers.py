@@ -40,15 +40,29 @@ def num_classes_of(cfg_num_classes: int, data: DataInfo) -> int:
     return n
 
 
+#: How a model's first (stem) conv is computed, its ``stem_conv`` config field: see :class:`SpaceToDepthConv`.
+STEM_CONVS = ("space_to_depth", "direct")
+
+
+def check_stem_conv(value: str, model: str) -> bool:
+    """``True`` for ``"space_to_depth"``, ``False`` for ``"direct"``; a clear error for anything else."""
+    if value not in STEM_CONVS:
+        raise ValueError(f"{model} stem_conv must be one of {STEM_CONVS}, got {value!r}")
+    return value == "space_to_depth"
+
+
 def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1, padding: int | None = None,
-         groups: int = 1, bias: bool = False, kernel_init=kaiming_normal_fan_out, bias_init=zeros) -> nnx.Conv:
+         groups: int = 1, bias: bool = False, kernel_init=kaiming_normal_fan_out, bias_init=zeros,
+         space_to_depth: bool = False) -> nnx.Conv:
     """A square conv with PyTorch semantics: symmetric ``padding`` (default ``kernel // 2``), ``groups``.
 
-    It computes through :func:`framework.conv.conv_general_dilated` (on CPU, a matmul weight gradient)."""
+    It computes through :func:`framework.conv.conv_general_dilated` (on CPU, a matmul weight gradient);
+    with ``space_to_depth`` (strided convs only) it is a :class:`SpaceToDepthConv`."""
     p = kernel // 2 if padding is None else padding
-    return nnx.Conv(in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
-                    feature_group_count=groups, use_bias=bias, kernel_init=kernel_init, bias_init=bias_init,
-                    conv_general_dilated=conv_general_dilated, rngs=rngs)
+    layer = SpaceToDepthConv if space_to_depth else nnx.Conv
+    return layer(in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                 feature_group_count=groups, use_bias=bias, kernel_init=kernel_init, bias_init=bias_init,
+                 conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def batch_norm(channels: int, *, rngs: nnx.Rngs, zero_init: bool = False) -> BatchNorm:
@@ -99,6 +113,14 @@ def space_to_depth_conv(layer: nnx.Conv, x: jax.Array) -> jax.Array:
     y = conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                              precision=layer.precision)
     return y if bias is None else y + bias
+
+
+class SpaceToDepthConv(nnx.Conv):
+    """``nnx.Conv`` (same arguments and parameters) computed by :func:`space_to_depth_conv`: for the strided
+    stem convs of image models, whose 3 input channels tensor cores handle badly."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        return space_to_depth_conv(self, inputs)
 
 
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:

@@ -9,7 +9,15 @@ from flax import nnx
 
 from framework.api import DataInfo
 from framework.registry import MODELS
-from plugins.models._layers import adaptive_avg_pool, conv, linear, max_pool, num_classes_of, torch_default
+from plugins.models._layers import (
+    adaptive_avg_pool,
+    check_stem_conv,
+    conv,
+    linear,
+    max_pool,
+    num_classes_of,
+    torch_default,
+)
 from plugins.models._torch_import import TorchRules, nchw_flatten_linear
 
 #: (out channels, kernel, stride, padding, max-pool after) of the five convs (torchvision.models.alexnet).
@@ -24,11 +32,14 @@ class AlexNetConfig:
     hidden: width of the two hidden fully connected layers (4096 in the paper and torchvision).
     dropout: dropout rate before each hidden FC layer (0.5).
     num_classes: 0 means the dataset's number of classes.
+    stem_conv: how the strided first conv is computed: "space_to_depth" (a stride-1 conv on blocks of pixels,
+        :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". Same function, same parameters.
     """
 
     hidden: int = 4096
     dropout: float = 0.5
     num_classes: int = 0
+    stem_conv: str = "direct"
 
 
 class AlexNet(nnx.Module):
@@ -40,9 +51,10 @@ class AlexNet(nnx.Module):
 
     def __init__(self, cfg: AlexNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         convs, channels, self.pool_after = [], in_channels, tuple(c[4] for c in CONVS)
-        for out, k, s, p, _ in CONVS:
+        space_to_depth = check_stem_conv(cfg.stem_conv, "AlexNet")
+        for i, (out, k, s, p, _) in enumerate(CONVS):
             convs.append(conv(channels, out, k, stride=s, padding=p, bias=True, kernel_init=torch_default,
-                              rngs=rngs))
+                              rngs=rngs, space_to_depth=space_to_depth and i == 0))
             channels = out
         self.convs = nnx.List(convs)
         self.dropout1 = nnx.Dropout(cfg.dropout, rngs=rngs)

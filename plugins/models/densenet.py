@@ -14,6 +14,7 @@ from framework.registry import MODELS
 from plugins.models._layers import (
     avg_pool,
     batch_norm,
+    check_stem_conv,
     conv,
     kaiming_normal_fan_in,
     linear,
@@ -34,6 +35,8 @@ class DenseNetConfig:
     compression: channel reduction of each transition (0.5: halve).
     drop_rate: dropout after each dense layer (0 in torchvision's densenet121).
     num_classes: 0 means the dataset's number of classes.
+    stem_conv: how the strided first conv is computed: "space_to_depth" (a stride-1 conv on blocks of pixels,
+        :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". Same function, same parameters.
     """
 
     growth_rate: int = 32
@@ -43,6 +46,7 @@ class DenseNetConfig:
     compression: float = 0.5
     drop_rate: float = 0.0
     num_classes: int = 0
+    stem_conv: str = "direct"
 
 
 class DenseLayer(nnx.Module):
@@ -77,7 +81,8 @@ class DenseNet(nnx.Module):
     def __init__(self, cfg: DenseNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         k = cfg.growth_rate
         self.conv0 = conv(in_channels, cfg.num_init_features, 7, stride=2, padding=3,
-                          kernel_init=kaiming_normal_fan_in, rngs=rngs)
+                          kernel_init=kaiming_normal_fan_in, rngs=rngs,
+                          space_to_depth=check_stem_conv(cfg.stem_conv, "DenseNet"))
         self.norm0 = batch_norm(cfg.num_init_features, rngs=rngs)
         blocks, transitions, channels = [], [], cfg.num_init_features
         for i, n in enumerate(cfg.block_config):

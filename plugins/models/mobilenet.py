@@ -9,7 +9,7 @@ from flax import nnx
 
 from framework.api import DataInfo
 from framework.registry import MODELS
-from plugins.models._layers import batch_norm, conv, linear, num_classes_of
+from plugins.models._layers import batch_norm, check_stem_conv, conv, linear, num_classes_of
 from plugins.models._torch_import import TorchRules
 
 #: (expansion t, output channels c, repeats n, first stride s), torchvision.models.mobilenetv2.
@@ -35,17 +35,21 @@ class MobileNetV2Config:
     round_nearest: channel counts are rounded to multiples of this (8).
     dropout: dropout rate before the classifier (0.2).
     num_classes: 0 means the dataset's number of classes.
+    stem_conv: how the strided first conv is computed: "space_to_depth" (a stride-1 conv on blocks of pixels,
+        :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". Same function, same parameters.
     """
 
     width_mult: float = 1.0
     round_nearest: int = 8
     dropout: float = 0.2
     num_classes: int = 0
+    stem_conv: str = "direct"
 
 
 class ConvBNReLU6(nnx.Module):
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *, rngs: nnx.Rngs):
-        self.conv = conv(in_ch, out_ch, kernel, stride=stride, groups=groups, rngs=rngs)
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, *, rngs: nnx.Rngs,
+                 space_to_depth: bool = False):
+        self.conv = conv(in_ch, out_ch, kernel, stride=stride, groups=groups, rngs=rngs, space_to_depth=space_to_depth)
         self.bn = batch_norm(out_ch, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -75,7 +79,8 @@ class MobileNetV2(nnx.Module):
     def __init__(self, cfg: MobileNetV2Config, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         channels = make_divisible(32 * cfg.width_mult, cfg.round_nearest)
         last = make_divisible(1280 * max(1.0, cfg.width_mult), cfg.round_nearest)
-        self.stem = ConvBNReLU6(in_channels, channels, 3, 2, rngs=rngs)
+        self.stem = ConvBNReLU6(in_channels, channels, 3, 2, rngs=rngs,
+                                space_to_depth=check_stem_conv(cfg.stem_conv, "MobileNetV2"))
         blocks = []
         for t, c, n, s in SETTINGS:
             out = make_divisible(c * cfg.width_mult, cfg.round_nearest)

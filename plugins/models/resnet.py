@@ -12,11 +12,11 @@ from framework.api import DataInfo
 from framework.registry import MODELS
 from plugins.models._layers import (
     batch_norm,
+    check_stem_conv,
     conv,
     linear,
     max_pool,
     num_classes_of,
-    space_to_depth_conv,
 )
 from plugins.models._torch_import import TorchRules
 
@@ -24,7 +24,6 @@ from plugins.models._torch_import import TorchRules
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
 STEMS = ("imagenet", "cifar")
-STEM_CONVS = ("space_to_depth", "direct")
 
 
 @dataclass
@@ -40,8 +39,8 @@ class ResNetConfig:
         as the identity (Goyal et al. 2017; torchvision's ``zero_init_residual``).
     num_classes: 0 means the dataset's number of classes.
     stem_conv: how the ImageNet stem's 7x7 stride-2 conv is computed: "space_to_depth" (a 4x4 stride-1 conv on
-        2x2 blocks of pixels, :func:`~plugins.models._layers.space_to_depth_conv`) or "direct". The same
-        function of the same parameters; only the speed differs.
+        2x2 blocks of pixels, :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". The same
+        function of the same parameters; only the speed differs (the CIFAR stem is not strided: always direct).
     """
 
     depth: int = 50
@@ -113,14 +112,12 @@ class ResNet(nnx.Module):
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {cfg.depth}")
         if cfg.stem not in STEMS:
             raise ValueError(f"ResNet stem must be one of {STEMS}, got {cfg.stem!r}")
-        if cfg.stem_conv not in STEM_CONVS:
-            raise ValueError(f"ResNet stem_conv must be one of {STEM_CONVS}, got {cfg.stem_conv!r}")
         kind, blocks = DEPTHS[cfg.depth]
+        space_to_depth = check_stem_conv(cfg.stem_conv, "ResNet")
         block = BasicBlock if kind == "basic" else Bottleneck
         self.imagenet_stem = cfg.stem == "imagenet"
-        self.stem_space_to_depth = self.imagenet_stem and cfg.stem_conv == "space_to_depth"
         if self.imagenet_stem:
-            self.conv1 = conv(in_channels, cfg.width, 7, stride=2, padding=3, rngs=rngs)
+            self.conv1 = conv(in_channels, cfg.width, 7, stride=2, padding=3, rngs=rngs, space_to_depth=space_to_depth)
         else:
             self.conv1 = conv(in_channels, cfg.width, 3, stride=1, padding=1, rngs=rngs)
         self.bn1 = batch_norm(cfg.width, rngs=rngs)
@@ -139,8 +136,7 @@ class ResNet(nnx.Module):
 
     def features(self, x: jax.Array) -> jax.Array:
         """Globally average-pooled output of the last stage, shape (batch, num_features)."""
-        x = space_to_depth_conv(self.conv1, x) if self.stem_space_to_depth else self.conv1(x)
-        x = nnx.relu(self.bn1(x))
+        x = nnx.relu(self.bn1(self.conv1(x)))
         if self.imagenet_stem:
             x = max_pool(x, 3, 2, padding=1)
         for stage in self.stages:
