@@ -46,7 +46,7 @@ class DenseNetConfig:
     compression: float = 0.5
     drop_rate: float = 0.0
     num_classes: int = 0
-    stem_conv: str = "direct"
+    stem_conv: str = "space_to_depth"
 
 
 class DenseLayer(nnx.Module):
