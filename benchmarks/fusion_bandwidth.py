@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
-import json
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trace_summary import kernel_times  # noqa: E402  (a sibling script, not a package)
 
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
          "f64": 8, "s64": 8, "u64": 8}
@@ -99,22 +101,6 @@ def hlo_fusions(hlo_dir: Path) -> dict[str, tuple[int, int, str, int]]:
 
 def _kernel_name(hlo_name: str) -> str:
     return hlo_name.replace(".", "_").replace("-", "_")
-
-
-def kernel_times(profile_dir: Path) -> dict[str, float]:
-    """Kernel name -> total device microseconds in the trace."""
-    files = sorted(profile_dir.rglob("*.trace.json.gz"))
-    if not files:
-        raise SystemExit(f"no *.trace.json.gz under {profile_dir}")
-    trace = json.loads(gzip.open(files[-1]).read())
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
-    times: dict[str, float] = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-            times[e["name"]] += e["dur"]
-    return times
 
 
 def report(profile_dir: Path, hlo_dir: Path, steps: int, peak_gbs: float, top: int) -> str:

@@ -61,7 +61,8 @@ def per_device(events: list[dict], names: dict, gpu: set) -> list[str]:
     return lines
 
 
-def summarize(directory: Path, top: int = 25) -> str:
+def load_trace(directory: Path) -> tuple[str, list[dict], dict, set]:
+    """The newest Perfetto trace under ``directory``: (file name, events, process id -> name, device pids)."""
     files = sorted(directory.rglob("*.trace.json.gz"))
     if not files:
         raise SystemExit(f"no *.trace.json.gz under {directory}")
@@ -69,15 +70,27 @@ def summarize(directory: Path, top: int = 25) -> str:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    return files[-1].name, events, names, gpu
+
+
+def kernel_times(directory: Path) -> dict[str, float]:
+    """Kernel name -> total device microseconds in the newest trace under ``directory``."""
+    _, events, _, gpu = load_trace(directory)
     per_kernel: dict[str, float] = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
             per_kernel[e["name"]] += e["dur"]
+    return per_kernel
+
+
+def summarize(directory: Path, top: int = 25) -> str:
+    file_name, events, names, gpu = load_trace(directory)
+    per_kernel = kernel_times(directory)
     total = sum(per_kernel.values()) or 1.0
     per_cat: dict[str, float] = collections.Counter()
     for name, dur in per_kernel.items():
         per_cat[category(name)] += dur
-    lines = [f"trace {files[-1].name}: {total / 1e3:.1f} ms of device time in {len(per_kernel)} kernels",
+    lines = [f"trace {file_name}: {total / 1e3:.1f} ms of device time in {len(per_kernel)} kernels",
              "", "| category | ms | share |", "|---|---|---|"]
     lines += [f"| {c} | {d / 1e3:.1f} | {d / total:.1%} |" for c, d in per_cat.most_common()]
     lines += ["", *per_device(events, names, gpu)]
