@@ -43,7 +43,7 @@ class MobileNetV2Config:
     round_nearest: int = 8
     dropout: float = 0.2
     num_classes: int = 0
-    stem_conv: str = "direct"
+    stem_conv: str = "space_to_depth"
 
 
 class ConvBNReLU6(nnx.Module):
