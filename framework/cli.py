@@ -119,6 +119,7 @@ def _train_app():
             if multirun and cfg.parallel.devices_per_job > 0:
                 devices = claim_devices(cfg.parallel.devices_per_job, Path(hydra_cfg.sweep.dir) / ".devices")
                 log.info("job %s: CUDA_VISIBLE_DEVICES=%s", hydra_cfg.job.num, devices)
+            compilation_cache.enable()  # again: a launcher may run jobs in fresh worker processes
             cache_before = compilation_cache.stats()
             result = Trainer(cfg, run_dir).fit()
             if compilation_cache.directory() is not None:

@@ -77,7 +77,8 @@ def _listen() -> None:
 def enable(environ: MutableMapping[str, str] | None = None) -> Path | None:
     """Turn on the persistent compilation cache (see the module docstring) and start counting what it serves;
     returns its directory, or None when ``PRISM_COMPILATION_CACHE`` turns it off. Call it before the first
-    compile (the ``prism`` command does, first thing)."""
+    compile (the ``prism`` command does, first thing, and again in each sweep job's process: idempotent). The
+    directory is also exported as ``JAX_COMPILATION_CACHE_DIR`` for the processes this one starts."""
     environ = os.environ if environ is None else environ
     _directory.clear()
     if environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
@@ -94,8 +95,11 @@ def enable(environ: MutableMapping[str, str] | None = None) -> Path | None:
                     "or %s=0", directory, exc, SWITCH_ENV)
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
+    # Exported too: processes started from this one (joblib/submitit sweep workers, peers) inherit the cache.
+    environ["JAX_COMPILATION_CACHE_DIR"] = str(directory)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in environ and importlib.util.find_spec("filelock"):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)  # JAX's cap needs filelock (a dependency)
+        environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(MAX_BYTES)
     _directory.append(directory)
     return directory
 

@@ -27,12 +27,17 @@ def test_enable_respects_the_switch_and_jax_own_setting(tmp_path):
         assert compilation_cache.enable({"JAX_COMPILATION_CACHE_DIR": theirs}) == tmp_path / "theirs"
         assert jax.config.jax_compilation_cache_dir == before[0]  # JAX applies its own variable itself
         os.environ["PRISM_CACHE_DIR"], saved = str(tmp_path / "prism"), os.environ.get("PRISM_CACHE_DIR")
+        environ: dict[str, str] = {}
         try:
-            assert compilation_cache.enable({}) == tmp_path / "prism" / "jax"
+            assert compilation_cache.enable(environ) == tmp_path / "prism" / "jax"
         finally:
             os.environ.pop("PRISM_CACHE_DIR") if saved is None else os.environ.update(PRISM_CACHE_DIR=saved)
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "prism" / "jax")
         assert jax.config.jax_compilation_cache_max_size == compilation_cache.MAX_BYTES
+        # exported for the processes it starts (sweep workers); enabling again is idempotent
+        assert environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "prism" / "jax")
+        assert environ["JAX_COMPILATION_CACHE_MAX_SIZE"] == str(compilation_cache.MAX_BYTES)
+        assert compilation_cache.enable(environ) == tmp_path / "prism" / "jax"
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_compilation_cache_max_size", before[1])
