@@ -168,3 +168,16 @@ def test_invalid_plugin_config_value_is_a_clean_error(tmp_path):
     result = read_result(run_dir)
     assert result["status"] == "failed"
     assert result["error"].startswith("ConfigError: dataset.test_fraction")
+
+
+def test_invalid_model_config_value_is_a_clean_error(tmp_path):
+    """A model's own validation (here ResNet's stem_conv) reaches the user as one line, not a traceback."""
+    run_dir = tmp_path / "run"
+    proc = run_prism("train", "model=resnet18", "model.stem_conv=winograd", "train.steps=1", "logging.progress=false",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+
+    assert proc.returncode == 2
+    error = _error_line(proc.stderr)
+    assert "model.stem_conv must be one of" in error and "'winograd'" in error and "space_to_depth" in error
+    assert "Traceback" not in proc.stderr
+    assert read_result(run_dir)["error"].startswith("ConfigError: model.stem_conv")

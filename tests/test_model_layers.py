@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.errors import ConfigError
 from framework.registry import MODELS
 from plugins.models._layers import conv, space_to_depth_conv
 
@@ -61,5 +62,5 @@ def test_stem_convs_compute_the_same_function(name, cfg, size):
                                atol=1e-4)
     config = MODELS.get(name).default_config()
     config.stem_conv = "winograd"
-    with pytest.raises(ValueError, match="stem_conv must be one of"):
+    with pytest.raises(ConfigError, match="model.stem_conv must be one of"):
         MODELS.build(name, config, data=data, rngs=nnx.Rngs(0))

@@ -22,6 +22,7 @@ import pytest
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.errors import ConfigError
 from framework.model_summary import count_params, model_summary
 from framework.registry import MODELS
 from plugins.models._layers import adaptive_avg_pool
@@ -305,7 +306,7 @@ def test_vit_resizes_position_embedding_for_other_input_sizes():
     model.eval()
     out = _apply(model, lambda m, x: m(x), jnp.ones((1, 48, 40, 3)))
     assert out.shape == (1, 10) and bool(jnp.isfinite(out).all())  # 6x5 grid from the 4x4 embedding
-    with pytest.raises(ValueError, match="multiple of patch_size"):
+    with pytest.raises(ConfigError, match="multiple of model.patch_size"):
         _real("vit_ti16", (1, 30, 30, 3), patch_size=8)
 
 
@@ -336,7 +337,7 @@ def test_unet_valid_padding_gives_the_papers_output_size():
     model.eval()
     out = output_shapes(model, (1, 572, 572, 1))
     assert out.shape == (1, 388, 388, 2) and output_size(572) == 388
-    with pytest.raises(ValueError, match="odd size"):
+    with pytest.raises(ConfigError, match="odd size"):
         output_size(570)
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from framework.api import DataInfo
 from framework.conv import conv_general_dilated
+from framework.errors import ConfigError
 from framework.layers import BatchNorm
 
 #: torchvision BatchNorm defaults: eps 1e-5, PyTorch momentum 0.1 = flax momentum 0.9.
@@ -36,7 +37,7 @@ def num_classes_of(cfg_num_classes: int, data: DataInfo) -> int:
     """The config's number of classes, or the dataset's when the config says 0."""
     n = cfg_num_classes or data.num_classes
     if n <= 0:
-        raise ValueError(f"num_classes must be positive (config {cfg_num_classes}, dataset {data.num_classes})")
+        raise ConfigError(f"model.num_classes must be positive (config {cfg_num_classes}, dataset {data.num_classes})")
     return n
 
 
@@ -47,7 +48,7 @@ STEM_CONVS = ("space_to_depth", "direct")
 def check_stem_conv(value: str, model: str) -> bool:
     """``True`` for ``"space_to_depth"``, ``False`` for ``"direct"``; a clear error for anything else."""
     if value not in STEM_CONVS:
-        raise ValueError(f"{model} stem_conv must be one of {STEM_CONVS}, got {value!r}")
+        raise ConfigError(f"model.stem_conv must be one of {STEM_CONVS} ({model}), got {value!r}")
     return value == "space_to_depth"
 
 

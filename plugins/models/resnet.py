@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.errors import ConfigError
 from framework.registry import MODELS
 from plugins.models._layers import (
     batch_norm,
@@ -109,9 +110,9 @@ class ResNet(nnx.Module):
 
     def __init__(self, cfg: ResNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         if cfg.depth not in DEPTHS:
-            raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {cfg.depth}")
+            raise ConfigError(f"model.depth must be one of {sorted(DEPTHS)} (ResNet), got {cfg.depth}")
         if cfg.stem not in STEMS:
-            raise ValueError(f"ResNet stem must be one of {STEMS}, got {cfg.stem!r}")
+            raise ConfigError(f"model.stem must be one of {STEMS} (ResNet), got {cfg.stem!r}")
         kind, blocks = DEPTHS[cfg.depth]
         space_to_depth = check_stem_conv(cfg.stem_conv, "ResNet")
         block = BasicBlock if kind == "basic" else Bottleneck

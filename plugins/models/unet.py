@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.errors import ConfigError
 from framework.registry import MODELS
 from plugins.models._layers import batch_norm, conv, kaiming_normal_fan_in, max_pool, num_classes_of, zeros
 
@@ -65,7 +66,7 @@ class UNet(nnx.Module):
 
     def __init__(self, cfg: UNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         if cfg.padding not in PADDINGS:
-            raise ValueError(f"U-Net padding must be one of {PADDINGS}, got {cfg.padding!r}")
+            raise ConfigError(f"model.padding must be one of {PADDINGS} (U-Net), got {cfg.padding!r}")
         self.valid = cfg.padding == "valid"
         pad = 0 if self.valid else 1
         widths = [cfg.width * 2**i for i in range(cfg.levels + 1)]
@@ -105,7 +106,8 @@ def output_size(size: int, levels: int = 4) -> int:
     """Output side of a valid-padding U-Net for an input side ``size`` (572 -> 388)."""
     for _ in range(levels):
         if (size - 4) % 2:
-            raise ValueError(f"valid U-Net: a feature map of odd size {size - 4} would be pooled")
+            raise ConfigError(f"valid U-Net: a feature map of odd size {size - 4} would be pooled "
+                              "(model.padding=valid needs image sizes that stay even; model.padding=same takes any)")
         size = (size - 4) // 2
     size -= 4
     for _ in range(levels):

@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.errors import ConfigError
 from framework.registry import MODELS
 from plugins.models._layers import (
     adaptive_avg_pool,
@@ -53,7 +54,7 @@ class VGG(nnx.Module):
 
     def __init__(self, cfg: VGGConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         if cfg.depth not in LAYOUTS:
-            raise ValueError(f"VGG depth must be one of {sorted(LAYOUTS)}, got {cfg.depth}")
+            raise ConfigError(f"model.depth must be one of {sorted(LAYOUTS)} (VGG), got {cfg.depth}")
         convs, norms, self.pool_after, channels = [], [], [], in_channels
         for item in LAYOUTS[cfg.depth]:
             if item == "M":

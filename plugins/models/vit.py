@@ -13,6 +13,7 @@ from flax import nnx
 
 from framework.api import DataInfo
 from framework.conv import conv_general_dilated
+from framework.errors import ConfigError
 from framework.registry import MODELS
 from plugins.models._layers import num_classes_of, torch_default, zeros
 from plugins.models._torch_import import TorchRules
@@ -61,7 +62,7 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, *, rngs: nnx.Rngs):
         if dim % heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
+            raise ConfigError(f"model.embed_dim {dim} is not divisible by model.num_heads {heads}")
         self.heads = heads
         self.qkv = _linear(dim, 3 * dim, bias=qkv_bias, rngs=rngs)
         self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
@@ -132,7 +133,7 @@ class VisionTransformer(nnx.Module):
     def __init__(self, cfg: ViTConfig, image_size: int, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         p, d = cfg.patch_size, cfg.embed_dim
         if image_size % p:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {p}")
+            raise ConfigError(f"image_size {image_size} is not a multiple of model.patch_size {p}")
         self.patch_size = p
         self.grid = image_size // p
         self.patch_embed = nnx.Conv(in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from framework.api import DataInfo
+from framework.errors import ConfigError
 from framework.registry import MODELS
 from plugins.models._layers import batch_norm, conv, num_classes_of, torch_default
 
@@ -124,9 +125,9 @@ class YOLOv3(nnx.Module):
 
     def __init__(self, cfg: YOLOv3Config, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         if len(cfg.blocks) != 5:
-            raise ValueError(f"Darknet-53 has 5 stages; blocks={cfg.blocks}")
+            raise ConfigError(f"model.blocks: Darknet-53 has 5 stages, got {cfg.blocks}")
         if len(cfg.anchors) != 18:
-            raise ValueError(f"anchors must hold 9 (w, h) pairs, 3 per scale; got {len(cfg.anchors)} numbers")
+            raise ConfigError(f"model.anchors must hold 9 (w, h) pairs, 3 per scale; got {len(cfg.anchors)} numbers")
         self.num_classes = num_classes
         self.anchors = tuple(tuple(cfg.anchors[i:i + 2]) for i in range(0, 18, 2))
         self.backbone = Darknet53(in_channels, cfg.width, cfg.blocks, rngs=rngs)
