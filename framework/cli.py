@@ -315,7 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     apply_default_xla_flags()  # before anything starts a JAX backend
-    compilation_cache.enable()  # before anything compiles
+    try:
+        compilation_cache.enable()  # before anything compiles
+    except PrismError as exc:
+        return _fail(str(exc))
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list, "bench": cmd_bench,
                 "sweep-report": cmd_sweep_report}
     if command not in handlers:

@@ -30,8 +30,11 @@ from pathlib import Path
 
 import jax
 
-#: Environment variable that turns the cache off with ``0``/``false``/``off``/``no``.
+from framework.errors import ConfigError
+
+#: Environment variable that turns the cache off with ``0``/``false``/``off``/``no`` (on: ``1``/``true``/...).
 SWITCH_ENV = "PRISM_COMPILATION_CACHE"
+ON, OFF = ("1", "true", "on", "yes", ""), ("0", "false", "off", "no")
 #: Size the cache may grow to before JAX evicts the least recently used programs.
 MAX_BYTES = 8 * 2**30
 
@@ -81,7 +84,10 @@ def enable(environ: MutableMapping[str, str] | None = None) -> Path | None:
     directory is also exported as ``JAX_COMPILATION_CACHE_DIR`` for the processes this one starts."""
     environ = os.environ if environ is None else environ
     _directory.clear()
-    if environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    switch = environ.get(SWITCH_ENV, "1").strip().lower()
+    if switch not in ON + OFF:
+        raise ConfigError(f"{SWITCH_ENV}={environ[SWITCH_ENV]!r}: use 1 (on, the default) or 0 (off)")
+    if switch in OFF:
         return None
     _listen()
     if environ.get("JAX_COMPILATION_CACHE_DIR"):

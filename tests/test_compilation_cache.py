@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from framework import compilation_cache
+from framework.errors import ConfigError
 from tests.conftest import FAST
 
 SUMMARY = re.compile(r"compilation cache: (\d+) programs? loaded \(~\d+ s of compiling saved\), "
@@ -21,6 +23,8 @@ def test_enable_respects_the_switch_and_jax_own_setting(tmp_path):
     before = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
     try:
         assert compilation_cache.enable({"PRISM_COMPILATION_CACHE": "0", "PRISM_CACHE_DIR": str(tmp_path)}) is None
+        with pytest.raises(ConfigError, match="PRISM_COMPILATION_CACHE='maybe': use 1"):
+            compilation_cache.enable({"PRISM_COMPILATION_CACHE": "maybe"})
         assert compilation_cache.directory() is None
         assert jax.config.jax_compilation_cache_dir == before[0]
         theirs = str(tmp_path / "theirs")
