@@ -59,7 +59,10 @@ def build_transform(spec: Any, where: str = "augment.ops") -> TransformFn:
         known = ", ".join(f.name for f in dataclasses.fields(entry.config))
         raise ConfigError(f"{where}: transform {name!r}: {exc.msg if hasattr(exc, 'msg') else exc} "
                           f"(its fields: {known})") from None
-    return entry.builder(cfg)
+    try:
+        return entry.builder(cfg)
+    except ValueError as exc:  # a builder checking its values (ranges, sizes): the user's config, not a bug
+        raise ConfigError(f"{where}: transform {name!r}: {exc}") from None
 
 
 class Pipeline:

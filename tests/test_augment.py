@@ -135,6 +135,8 @@ def test_bad_transform_config_names_the_culprit():
         Pipeline.from_config(["hflip", {"name": "solarize", "treshold": 0.3}])
     with pytest.raises(ConfigError, match="random_resized_crop: scale"):
         build_transform({"name": "random_resized_crop", "scale": [0.9, 0.1]})
+    with pytest.raises(ConfigError, match=r"augment.ops: transform 'resize': size must be an int or \[height, width\]"):
+        build_transform({"name": "resize", "size": [8, 8, 8]})
 
 
 def test_presets_compose_for_training():
