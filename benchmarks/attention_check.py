@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.plugins import load_plugins
-from framework.registry import MODELS
+from prism.framework.api import DataInfo
+from prism.framework.plugins import load_plugins
+from prism.framework.registry import MODELS
 
 
 def logits(model, images, mode: str) -> np.ndarray:

@@ -1,5 +1,5 @@
 """CPU convolution benchmark: a CIFAR ResNet-18 train step with XLA's convolutions, with prism's
-matmul weight gradient (:mod:`framework.conv`), and in PyTorch on CPU.
+matmul weight gradient (:mod:`prism.framework.conv`), and in PyTorch on CPU.
 
 The step is prism's ``resnet18`` (``stem=cifar``, 10 classes) at the given batch and image size:
 forward in training mode (BatchNorm batch statistics), softmax cross-entropy, gradients, SGD with
@@ -35,10 +35,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from framework import conv  # noqa: E402
-from framework.api import DataInfo  # noqa: E402
-from framework.plugins import load_plugins  # noqa: E402
-from framework.registry import MODELS  # noqa: E402
+from prism.framework import conv  # noqa: E402
+from prism.framework.api import DataInfo  # noqa: E402
+from prism.framework.plugins import load_plugins  # noqa: E402
+from prism.framework.registry import MODELS  # noqa: E402
 
 SECTION = "cpu_conv"
 

@@ -13,8 +13,8 @@ common=(dataset=image_folder dataset.path=/tmp/prism-jpegs "dataset.image_size=[
         logging.progress=false)
 train=(model=resnet50 precision=bf16 optimizer=sgd optimizer.lr=0.1 optimizer.weight_decay=1e-4 schedule=constant)
 cd /tmp
-python3 -m framework bench data --batches 40 --warmup 5 --out "$out/pipeline-data.json" "${common[@]}"
-python3 -m framework bench train --data synthetic --steps 30 --warmup 10 --out "$out/pipeline-train-synthetic.json" \
+python3 -m prism.framework bench data --batches 40 --warmup 5 --out "$out/pipeline-data.json" "${common[@]}"
+python3 -m prism.framework bench train --data synthetic --steps 30 --warmup 10 --out "$out/pipeline-train-synthetic.json" \
   "${common[@]}" "${train[@]}"
-python3 -m framework bench train --data pipeline --steps 30 --warmup 10 --out "$out/pipeline-train-jpeg.json" \
+python3 -m prism.framework bench train --data pipeline --steps 30 --warmup 10 --out "$out/pipeline-train-jpeg.json" \
   "${common[@]}" "${train[@]}"

@@ -37,7 +37,7 @@ for i in "${!specs[@]}"; do
     flags="$flags --xla_dump_to=$out/hlo --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_as_text"
   fi
   # shellcheck disable=SC2086  # overrides are space-separated key=value words
-  (cd /tmp && XLA_FLAGS="${XLA_FLAGS:-} $flags" python3 -m framework bench train --steps "$steps" --warmup 10 \
+  (cd /tmp && XLA_FLAGS="${XLA_FLAGS:-} $flags" python3 -m prism.framework bench train --steps "$steps" --warmup 10 \
      --out "$out/$name.json" "${extra[@]}" "${common[@]}" $overrides) || echo "variant $name failed" >&2
   echo "$name|$overrides|$flags" >> "$out/variants.txt"
 done

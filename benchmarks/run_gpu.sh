@@ -33,7 +33,7 @@ for model in $models; do
     python3 "$here/benchmarks/torch_peer.py" --model "$model" --batch "$batch" --mode "$mode" --steps "$steps" \
       --out "$out/$model-torch_$mode.json" || echo "torch $mode $model failed" >&2
   done
-  (cd /tmp && python3 -m framework bench train --steps "$steps" --warmup 10 --out "$out/$model-prism.json" \
+  (cd /tmp && python3 -m prism.framework bench train --steps "$steps" --warmup 10 --out "$out/$model-prism.json" \
      "${common[@]}" "${prism[@]}") || echo "prism $model failed" >&2
 done
 python3 "$here/benchmarks/results_table.py" "$out"

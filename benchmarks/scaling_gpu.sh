@@ -22,7 +22,7 @@ common=(model=resnet50 dataset=synthetic dataset.num_classes=1000 precision=bf16
 bench() {  # bench NAME GPUS MODE
   local n=$2 devices
   devices=$(seq -s, 0 $((n - 1)))
-  (cd /tmp && CUDA_VISIBLE_DEVICES=$devices python3 -m framework bench train --steps $steps --warmup 10 \
+  (cd /tmp && CUDA_VISIBLE_DEVICES=$devices python3 -m prism.framework bench train --steps $steps --warmup 10 \
      --out "$out/$1.json" "${common[@]}" train.batch_size=$((per_gpu * n)) dataset.train_size=$((per_gpu * n * 4)) \
      parallel.batch_stats=$3) || echo "scaling run $1 failed" >&2
 }

@@ -16,7 +16,7 @@ bench() {  # bench NAME GPUS [--profile DIR] [ENV=VALUE...]
   local name=$1 gpus=$2; shift 2
   local args=() envs=()
   for a in "$@"; do case $a in *=*) envs+=("$a") ;; *) args+=("$a") ;; esac; done
-  (cd /tmp && env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((gpus - 1)))" "${envs[@]}" python3 -m framework bench train \
+  (cd /tmp && env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((gpus - 1)))" "${envs[@]}" python3 -m prism.framework bench train \
      --steps 30 --warmup 10 --out "$out/$name.json" "${args[@]}" "${common[@]}" train.batch_size=$((256 * gpus)) \
      dataset.train_size=$((1024 * gpus))) 2>&1 | grep -E "^train:|rror" || echo "$name failed"
 }

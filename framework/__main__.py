@@ -1,7 +1,7 @@
-"""``python -m framework`` is ``prism``."""
+"""``python -m prism.framework`` is ``prism``."""
 
 import sys
 
-from framework.cli import main
+from prism.framework.cli import main
 
 sys.exit(main())

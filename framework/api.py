@@ -1,6 +1,6 @@
 """The contracts between the core and its plugins.
 
-Each plugin kind is a builder registered in :mod:`framework.registry`; these are the objects the
+Each plugin kind is a builder registered in :mod:`prism.framework.registry`; these are the objects the
 builders return and the arguments they receive. Everything here is generic: a batch is a dict of
 arrays whose keys the task defines (``image`` and ``label`` for classification, ``boxes`` for
 detection, ``mask`` for segmentation, ...).
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from framework.errors import ConfigError
+from prism.framework.errors import ConfigError
 
 Batch = dict[str, Any]
 

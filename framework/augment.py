@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from framework.errors import ConfigError
-from framework.registry import TRANSFORMS
+from prism.framework.errors import ConfigError
+from prism.framework.registry import TRANSFORMS
 
 Example = dict[str, jax.Array]
 TransformFn = Callable[[Example, jax.Array], Example]

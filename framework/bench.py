@@ -1,8 +1,8 @@
 """``prism bench data``: throughput of the input pipeline, without a model (``prism bench train``: see
-:mod:`framework.bench_train`).
+:mod:`prism.framework.bench_train`).
 
 Composes the run config exactly as ``prism train`` does, builds the dataset and the host pipeline
-(:func:`framework.data.train_iterator`, with the ``loader`` settings), and times ``--batches``
+(:func:`prism.framework.data.train_iterator`, with the ``loader`` settings), and times ``--batches``
 batches after a warm-up: once for the host pipeline alone, once with the on-device augmentation
 (``augment.ops``, and ``augment.views`` when set) jitted on the sharded global batch. Prints one line
 and writes a JSON file, so input-bound runs can be told apart from model-bound ones.
@@ -25,18 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
-from framework import parallel
-from framework.augment import Pipeline
-from framework.data import train_iterator
-from framework.errors import ConfigError
-from framework.registry import DATASETS
+from prism.framework import parallel
+from prism.framework.augment import Pipeline
+from prism.framework.data import train_iterator
+from prism.framework.errors import ConfigError
+from prism.framework.registry import DATASETS
 
 log = logging.getLogger("prism")
 
 
 def build_dataset(cfg: DictConfig):
     """The configured dataset's DataSource (``cfg.dataset`` as ``prism train`` reads it)."""
-    from framework.optim import plugin_config
+    from prism.framework.optim import plugin_config
 
     entry = DATASETS.get(cfg.dataset.name)
     return entry.builder(plugin_config(cfg.dataset)) if entry.config is not None else entry.builder()
@@ -138,9 +138,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     """``prism bench data|train [flags] [key=value ...]``."""
-    from framework.bench_train import bench_train
-    from framework.bench_train import summary_line as train_summary
-    from framework.config import compose
+    from prism.framework.bench_train import bench_train
+    from prism.framework.bench_train import summary_line as train_summary
+    from prism.framework.config import compose
 
     args = parse_args(argv)
     if not log.handlers and not logging.getLogger().handlers:

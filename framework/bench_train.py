@@ -1,6 +1,6 @@
 """``prism bench train``: speed of the real training step of any model + objective config.
 
-The step timed is the :class:`~framework.train.Trainer`'s own ``train_step`` (the one ``prism train``
+The step timed is the :class:`~prism.framework.train.Trainer`'s own ``train_step`` (the one ``prism train``
 runs: augmentation, forward, backward, optimizer update, EMA/NaN guard, on the sharded global batch),
 built from the same composed config. Two data modes:
 
@@ -9,8 +9,9 @@ built from the same composed config. Two data modes:
 - ``pipeline``: every step takes its batch from the real host input pipeline, as training does.
 
 Reported: compile time (``compile_cached`` says when the persistent compilation cache served the step
-instead, :mod:`framework.compilation_cache`), median step time over synced steps, images/s over an unsynced window (the
-loop as ``fit`` runs it), the step's convolution + matmul FLOPs (:mod:`framework.flops`; XLA's own cost
+instead, :mod:`prism.framework.compilation_cache`), median step time over synced steps, images/s over an unsynced
+window (the
+loop as ``fit`` runs it), the step's convolution + matmul FLOPs (:mod:`prism.framework.flops`; XLA's own cost
 analysis is reported beside it but misses cuDNN convolutions on GPU), MFU against the device's peak dense
 FLOP/s (known devices or ``--peak-tflops``), and peak device memory where the backend reports it.
 """
@@ -25,10 +26,10 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from framework import compilation_cache, parallel
-from framework.data import train_iterator
-from framework.errors import ConfigError
-from framework.flops import function_flops
+from prism.framework import compilation_cache, parallel
+from prism.framework.data import train_iterator
+from prism.framework.errors import ConfigError
+from prism.framework.flops import function_flops
 
 #: Peak dense tensor FLOP/s per device (bf16; fp32 runs use TF32, half that), from the vendors' data sheets.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}
@@ -59,7 +60,7 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
                 peak: float | None = None, profile: str | None = None) -> dict[str, Any]:
     """Time ``steps`` training steps of ``cfg`` after ``warmup`` (see the module docstring); with ``profile``,
     then trace 5 more steps with ``jax.profiler`` into that directory."""
-    from framework.train import Trainer
+    from prism.framework.train import Trainer
 
     if steps < 1 or warmup < 1:
         raise ConfigError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")

@@ -21,8 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from framework.config import CheckpointConfig
-from framework.errors import CheckpointError
+from prism.framework.config import CheckpointConfig
+from prism.framework.errors import CheckpointError
 
 
 def _is_key(x: Any) -> bool:

@@ -1,7 +1,7 @@
 """The ``prism`` command: ``train`` (a Hydra app), ``eval``, ``predict``, ``list [KIND]``, ``bench``,
 ``sweep-report DIR``.
 
-Errors the user can fix (:class:`framework.errors.PrismError`) are printed as one message and exit
+Errors the user can fix (:class:`prism.framework.errors.PrismError`) are printed as one message and exit
 with status 2; Hydra's own config errors (unknown key, wrong type) keep Hydra's message, which names
 the key, and exit with status 1.
 """
@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from framework import __version__, compilation_cache
-from framework.errors import ConfigError, PrismError, UnknownNameError
-from framework.parallel import apply_default_xla_flags
-from framework.sweep import SweepTracker, failure_summary, sweep_jobs
+from prism.framework import __version__, compilation_cache
+from prism.framework.errors import ConfigError, PrismError, UnknownNameError
+from prism.framework.parallel import apply_default_xla_flags
+from prism.framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
 
@@ -75,8 +75,8 @@ def check_group_choices(overrides: Sequence[str]) -> None:
     Hydra would also refuse unknown names, but without suggestions; sweep lists (``model=a,b``) are checked
     name by name.
     """
-    from framework.config import SELECTED_KINDS, group_options
-    from framework.plugins import plugin_failures
+    from prism.framework.config import SELECTED_KINDS, group_options
+    from prism.framework.plugins import plugin_failures
 
     check_repeated_sweep_keys(overrides)
     for arg in overrides:
@@ -104,13 +104,13 @@ def _train_app():
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from framework.config import CONF_DIR
+    from prism.framework.config import CONF_DIR
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def train(cfg) -> float | None:
         """Train one run; returns the final ``checkpoint.best_metric`` (what Hydra's sweepers optimize)."""
-        from framework.sweep import claim_devices
-        from framework.train import Trainer, write_failure
+        from prism.framework.sweep import claim_devices
+        from prism.framework.train import Trainer, write_failure
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -139,8 +139,8 @@ def _train_app():
 
 
 def cmd_train(args: list[str]) -> int:
-    from framework.config import register_configs
-    from framework.plugins import load_plugins
+    from prism.framework.config import register_configs
+    from prism.framework.plugins import load_plugins
 
     load_plugins()
     try:
@@ -175,8 +175,8 @@ def cmd_eval(args: list[str]) -> int:
     offline; one JSON line per task."""
     import json
 
-    from framework.evaluate import evaluate_run, evaluate_tasks, parse_task_list
-    from framework.plugins import load_plugins
+    from prism.framework.evaluate import evaluate_run, evaluate_tasks, parse_task_list
+    from prism.framework.plugins import load_plugins
 
     options = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in EVAL_OPTIONS}
     overrides = [a for a in args if a.split("=", 1)[0] not in EVAL_OPTIONS]
@@ -203,8 +203,8 @@ def cmd_predict(args: list[str]) -> int:
     """``prism predict``: a saved run's predictions on image files, drawn and written as JSON."""
     import json
 
-    from framework.plugins import load_plugins
-    from framework.predict import predict_run
+    from prism.framework.plugins import load_plugins
+    from prism.framework.predict import predict_run
 
     options = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in PREDICT_OPTIONS}
     overrides = [a for a in args if a.split("=", 1)[0] not in PREDICT_OPTIONS]
@@ -221,7 +221,7 @@ def cmd_predict(args: list[str]) -> int:
 
 def _model_stats_column(names: list[str], compute: bool) -> tuple[dict[str, str], int]:
     """``({name: "params  GFLOPs" text}, number not cached)`` for model rows; computes missing ones when asked."""
-    from framework.model_summary import cached_summary
+    from prism.framework.model_summary import cached_summary
 
     column, missing = {}, 0
     for name in names:
@@ -245,8 +245,8 @@ def cmd_list(args: list[str]) -> int:
     computes missing ones, seconds per model on a CPU)."""
     import warnings
 
-    from framework.plugins import PluginImportWarning, load_plugins, plugin_failures
-    from framework.registry import MODELS, REGISTRIES, registry_for
+    from prism.framework.plugins import PluginImportWarning, load_plugins, plugin_failures
+    from prism.framework.registry import MODELS, REGISTRIES, registry_for
 
     stats = "--stats" in args
     positional = [a for a in args if a != "--stats"]
@@ -273,8 +273,8 @@ def cmd_list(args: list[str]) -> int:
         if not entries:
             print("  (none registered)" if pattern is None else f"  (none matching {pattern!r})")
         if missing:
-            from framework.compilation_cache import cache_dir
-            from framework.model_summary import STATS_FILE
+            from prism.framework.compilation_cache import cache_dir
+            from prism.framework.model_summary import STATS_FILE
 
             print(f"(parameters and forward GFLOPs at the default input size of {missing} model(s) not computed "
                   f"yet: `prism list model{' ' + pattern if pattern else ''} --stats` computes them, seconds per "
@@ -288,8 +288,8 @@ def cmd_bench(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.bench import main as bench_main
-    from framework.plugins import load_plugins
+    from prism.framework.bench import main as bench_main
+    from prism.framework.plugins import load_plugins
 
     load_plugins()
     check_group_choices([a for a in args if not a.startswith("-")])
@@ -300,7 +300,7 @@ def cmd_bench(args: list[str]) -> int:
 
 
 def cmd_sweep_report(args: list[str]) -> int:
-    from framework.sweep_report import main as report_main
+    from prism.framework.sweep_report import main as report_main
 
     return report_main(args)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jax
 
-from framework.errors import ConfigError
+from prism.framework.errors import ConfigError
 
 #: Environment variable that turns the cache off with ``0``/``false``/``off``/``no`` (on: ``1``/``true``/...).
 SWITCH_ENV = "PRISM_COMPILATION_CACHE"

@@ -18,8 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from framework.augment import AugmentConfig
-from framework.registry import REGISTRIES, Entry
+from prism.framework.augment import AugmentConfig
+from prism.framework.registry import REGISTRIES, Entry
 
 #: ``conf/`` beside the ``framework`` package (true for editable installs and wheels alike).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -114,7 +114,7 @@ class ParallelConfig:
         (SyncBN: the result does not depend on the number of devices, but every BatchNorm layer waits for
         an all-reduce in the forward and in the backward pass); 'per_device': each device's share of the
         batch (PyTorch DDP's default; no communication inside the step's forward/backward, faster on several
-        GPUs). Applies to layers built from :class:`framework.layers.BatchNorm` (all built-in models).
+        GPUs). Applies to layers built from :class:`prism.framework.layers.BatchNorm` (all built-in models).
     """
 
     fsdp: int = 1
@@ -161,7 +161,7 @@ class PrismConfig:
 
 
 #: Keys every plugin of a kind gets besides its own config fields: ``name``, and for models ``pretrained``
-#: (weights to load after initialisation, see :mod:`framework.pretrained`; '' for none).
+#: (weights to load after initialisation, see :mod:`prism.framework.pretrained`; '' for none).
 COMMON_FIELDS: dict[str, list[tuple[str, type, Any]]] = {"model": [("pretrained", str, "")]}
 
 
@@ -209,7 +209,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from framework.plugins import load_plugins
+    from prism.framework.plugins import load_plugins
 
     load_plugins()
     register_configs()

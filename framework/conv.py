@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from framework.errors import ConfigError
+from prism.framework.errors import ConfigError
 
 #: Environment variable choosing the convolution path: ``auto``, ``xla`` or ``matmul``.
 ENV = "PRISM_CONV"

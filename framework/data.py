@@ -17,8 +17,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from framework.errors import DataError
-from framework.parallel import HostSlice
+from prism.framework.errors import DataError
+from prism.framework.parallel import HostSlice
 
 VALID_KEY = "_valid"
 

@@ -9,7 +9,7 @@ settings) plus the task's pictures of its predictions.
 
 :func:`evaluate_tasks` evaluates several tasks in one process (``eval.tasks=[linear_probe,knn]``): the run is
 rebuilt, its dataset opened and its checkpoint restored once, and tasks with the same
-:meth:`~framework.api.Task.eval_outputs_key` (kNN and the linear probe: the frozen backbone's features) share
+:meth:`~prism.framework.api.Task.eval_outputs_key` (kNN and the linear probe: the frozen backbone's features) share
 one computation of their outputs per split. Each task writes its own result, in ``<out>/<task>/`` (default
 ``RUN_DIR/eval/<task>-<step>-<time>/``), as the equivalent single-task call would (its ``overrides`` are
 that call's). A ``task.KEY=VALUE`` override applies to each listed task whose config has ``KEY``.
@@ -31,11 +31,11 @@ import jax
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from framework.checkpoint import Checkpointer
-from framework.config import SELECTED_KINDS, CheckpointConfig, compose
-from framework.errors import CheckpointError, ConfigError, UnknownNameError
-from framework.registry import TASKS
-from framework.train import PREDICTIONS_DIR, RESULT_FILE, Trainer
+from prism.framework.checkpoint import Checkpointer
+from prism.framework.config import SELECTED_KINDS, CheckpointConfig, compose
+from prism.framework.errors import CheckpointError, ConfigError, UnknownNameError
+from prism.framework.registry import TASKS
+from prism.framework.train import PREDICTIONS_DIR, RESULT_FILE, Trainer
 
 CHECKPOINTS_DIR = "checkpoints"
 #: The composed config Hydra writes into every run directory (used by ``eval.step=init`` without checkpoints).
@@ -136,7 +136,7 @@ def parse_task_list(text: str) -> list[str]:
 
 def _task_names(tasks: Sequence[str]) -> list[str]:
     """``tasks`` checked: a non-empty list of distinct registered task names (or ``conf/task`` presets)."""
-    from framework.config import group_options
+    from prism.framework.config import group_options
 
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     shown = f"eval.tasks=[{','.join(map(str, names))}]"

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.compilation_cache import cache_dir
-from framework.registry import MODELS
+from prism.framework.api import DataInfo
+from prism.framework.compilation_cache import cache_dir
+from prism.framework.registry import MODELS
 
 DEFAULT_IMAGE_SHAPE = (224, 224, 3)
 

@@ -14,8 +14,8 @@ import jax
 import optax
 from omegaconf import DictConfig, OmegaConf
 
-from framework.errors import ConfigError
-from framework.registry import OPTIMIZERS, SCHEDULES
+from prism.framework.errors import ConfigError
+from prism.framework.registry import OPTIMIZERS, SCHEDULES
 
 
 def plugin_config(section: DictConfig) -> Any:

@@ -19,8 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from framework.errors import ConfigError
-from framework.layers import BatchNorm
+from prism.framework.errors import ConfigError
+from prism.framework.layers import BatchNorm
 
 DATA_AXES = ("data", "fsdp")
 BATCH_STATS = ("global", "per_device")
@@ -176,7 +176,7 @@ def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax
 
 
 def set_batch_stats(module: nnx.Module, mode: str, mesh: Mesh) -> list[str]:
-    """Apply ``parallel.batch_stats`` to every :class:`framework.layers.BatchNorm` in ``module``: ``per_device``
+    """Apply ``parallel.batch_stats`` to every :class:`prism.framework.layers.BatchNorm` in ``module``: ``per_device``
     gives each one as many statistics groups as the batch has data shards (``global``: one group).
 
     Returns the paths of plain ``nnx.BatchNorm`` layers, which keep global statistics either way (logged as a
@@ -192,6 +192,6 @@ def set_batch_stats(module: nnx.Module, mode: str, mesh: Mesh) -> list[str]:
             plain.append("/".join(map(str, path)))
     if plain and groups > 1:
         log.warning("parallel.batch_stats=per_device: %d BatchNorm layer(s) are plain nnx.BatchNorm and keep "
-                    "global statistics (build them with framework.layers.BatchNorm): %s", len(plain),
+                    "global statistics (build them with prism.framework.layers.BatchNorm): %s", len(plain),
                     ", ".join(plain[:5]) + (" ..." if len(plain) > 5 else ""))
     return plain

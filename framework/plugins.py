@@ -20,7 +20,7 @@ import traceback
 import warnings
 
 ENTRY_POINT_GROUP = "prism.plugins"
-BUILTIN_PACKAGE = "plugins"
+BUILTIN_PACKAGE = "prism.plugins"
 
 _loaded = False
 _loading = False

@@ -1,6 +1,6 @@
 """Predictions of a saved run on unlabelled images: ``prism predict checkpoint=RUN_DIR input=IMAGE_OR_FOLDER``.
 
-The run is rebuilt with :func:`framework.evaluate.load_run` (its config and checkpoint); each image is read
+The run is rebuilt with :func:`prism.framework.evaluate.load_run` (its config and checkpoint); each image is read
 with PIL, converted to the run's channels and resized (bilinear) to its input size, as the datasets do,
 and goes through the run's normalization and the task's ``predict_outputs`` under jit, batched like an
 evaluation. The task draws the predictions (``render``: one PNG per image, at the model's input size) and
@@ -22,11 +22,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from framework import parallel
-from framework.data import VALID_KEY, eval_batches
-from framework.errors import DataError
-from framework.evaluate import load_run
-from framework.train import Trainer, _cast_floats, prepare_images
+from prism.framework import parallel
+from prism.framework.data import VALID_KEY, eval_batches
+from prism.framework.errors import DataError
+from prism.framework.evaluate import load_run
+from prism.framework.train import Trainer, _cast_floats, prepare_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PREDICTIONS_FILE = "predictions.json"

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from framework.errors import PrismError
-from framework.registry import MODELS
+from prism.framework.errors import PrismError
+from prism.framework.registry import MODELS
 
 #: Registry metadata key of a model's PyTorch converter: ``(model) -> list[TensorRule]``.
 TORCH_WEIGHTS = "torch_weights"

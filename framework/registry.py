@@ -6,7 +6,7 @@ one-line description::
     @MODELS.register("tiny_mlp", config=TinyMLPConfig, description="Two dense layers.")
     def build_tiny_mlp(cfg: TinyMLPConfig, *, data, rngs): ...
 
-Lookups load every plugin first (see :mod:`framework.plugins`), so a name is never missing just
+Lookups load every plugin first (see :mod:`prism.framework.plugins`), so a name is never missing just
 because its module was not imported, and an unknown name gets an error that lists the closest
 registered names, all names, and the plugin modules that failed to import.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from framework.errors import DuplicateNameError, UnknownNameError
+from prism.framework.errors import DuplicateNameError, UnknownNameError
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -112,7 +112,7 @@ class Registry:
     # -- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Entry:
         """The entry registered as ``name``; an :class:`UnknownNameError` with suggestions if none."""
-        from framework.plugins import load_plugins, plugin_failures
+        from prism.framework.plugins import load_plugins, plugin_failures
 
         load_plugins()
         try:
@@ -141,7 +141,7 @@ class Registry:
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Sorted registered names, optionally filtered by a shell-style pattern (``resnet*``)."""
-        from framework.plugins import load_plugins
+        from prism.framework.plugins import load_plugins
 
         load_plugins()
         names = sorted(self._entries)
@@ -151,7 +151,7 @@ class Registry:
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: object) -> bool:
-        from framework.plugins import load_plugins
+        from prism.framework.plugins import load_plugins
 
         load_plugins()
         return name in self._entries

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
-from framework.errors import ConfigError
+from prism.framework.errors import ConfigError
 
 log = logging.getLogger("prism")
 

@@ -25,9 +25,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from framework.errors import ConfigError, DataError
-from framework.logging import read_metrics
-from framework.sweep import Job, read_jobs, swept_keys
+from prism.framework.errors import ConfigError, DataError
+from prism.framework.logging import read_metrics
+from prism.framework.sweep import Job, read_jobs, swept_keys
 
 SEED_KEY = "seed"
 

@@ -5,7 +5,7 @@ sharded state; :meth:`Trainer.fit` is the loop. The step functions are pure (``j
 ``TrainState`` pytree with donated buffers); the model and objective are NNX modules split into a
 static graph and array state (``nnx.split``) so that jit sees only arrays.
 
-Determinism: the data stream is a function of (seed, step) (:mod:`framework.data`), the step's PRNG
+Determinism: the data stream is a function of (seed, step) (:mod:`prism.framework.data`), the step's PRNG
 key is ``fold_in(seed_key, step)``, and all of it is in the checkpoint, so a resumed run computes
 the same numbers as an uninterrupted one.
 """
@@ -30,16 +30,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from omegaconf import DictConfig, OmegaConf
 
-from framework import parallel
-from framework.api import DataInfo, DataSource, Task
-from framework.augment import Pipeline
-from framework.checkpoint import Checkpointer, signature
-from framework.data import VALID_KEY, eval_batches, train_iterator
-from framework.errors import ConfigError, NonFiniteLossError
-from framework.logging import MetricLogger, plot_curves
-from framework.optim import build_optimizer, plugin_config
-from framework.pretrained import ImportReport, load_pretrained
-from framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
+from prism.framework import parallel
+from prism.framework.api import DataInfo, DataSource, Task
+from prism.framework.augment import Pipeline
+from prism.framework.checkpoint import Checkpointer, signature
+from prism.framework.data import VALID_KEY, eval_batches, train_iterator
+from prism.framework.errors import ConfigError, NonFiniteLossError
+from prism.framework.logging import MetricLogger, plot_curves
+from prism.framework.optim import build_optimizer, plugin_config
+from prism.framework.pretrained import ImportReport, load_pretrained
+from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
 
 RESULT_FILE = "result.json"
 PREDICTIONS_DIR = "predictions"
@@ -237,7 +237,7 @@ class Trainer:
 
     def _load_pretrained(self) -> ImportReport | None:
         """Fill the model with ``model.pretrained`` weights (a weight file or a prism run, see
-        :mod:`framework.pretrained`), then start the optimizer (and parameter EMA) from them."""
+        :mod:`prism.framework.pretrained`), then start the optimizer (and parameter EMA) from them."""
         path = self.cfg.model.get("pretrained", "")
         if not isinstance(path, str) or not path or self._has_checkpoint_to_resume():
             return None  # a resumed run takes its weights from its own checkpoint (the file may be gone by then)

@@ -34,7 +34,7 @@ FAST = ["train.steps=20", "train.batch_size=32", "train.eval_every=10", "logging
 def run_prism(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the ``prism`` CLI in a subprocess (as a user would), capturing its output."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "framework", *args], cwd=cwd, env=full_env, text=True,
+    return subprocess.run([sys.executable, "-m", "prism.framework", *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
 
 
@@ -58,8 +58,8 @@ def read_result(run_dir: Path) -> dict:
 @pytest.fixture
 def train_run(tmp_path):
     """Build and fit a Trainer in-process from overrides; returns ``(trainer, result)``."""
-    from framework.config import compose
-    from framework.train import Trainer
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
 
     def _run(overrides: list[str], run_dir: Path | None = None):
         trainer = Trainer(compose([*FAST, *overrides]), run_dir or tmp_path / "run")

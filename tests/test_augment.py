@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from framework.augment import Pipeline, build_transform
-from framework.errors import ConfigError, UnknownNameError
+from prism.framework.augment import Pipeline, build_transform
+from prism.framework.errors import ConfigError, UnknownNameError
 
 
 def _example_with_box(h=24, w=32, box=(6, 8, 14, 20)):
@@ -92,7 +92,7 @@ def test_photometric_ops_match_numpy():
 
 
 def test_hsv_round_trip_matches_colorsys():
-    from plugins.transforms.photometric import adjust_hue, hsv_to_rgb, rgb_to_hsv
+    from prism.plugins.transforms.photometric import adjust_hue, hsv_to_rgb, rgb_to_hsv
 
     rng = np.random.default_rng(1)
     rgb = rng.uniform(size=(50, 3)).astype(np.float32)
@@ -140,7 +140,7 @@ def test_bad_transform_config_names_the_culprit():
 
 
 def test_presets_compose_for_training():
-    from framework.config import compose
+    from prism.framework.config import compose
 
     cfg = compose(["augment=simclr"])
     assert len(cfg.augment.views) == 2 and cfg.augment.views[0][0]["name"] == "random_resized_crop"

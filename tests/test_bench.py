@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from framework.cli import main
+from prism.framework.cli import main
 
 
 def test_bench_data_on_digits_writes_positive_throughputs(tmp_path, capsys):
@@ -57,7 +57,7 @@ def test_flops_of_convolutions_and_matmuls_match_the_formulas():
     import jax
     import jax.numpy as jnp
 
-    from framework.flops import function_flops
+    from prism.framework.flops import function_flops
 
     def conv(x, w, groups=1, stride=1):
         return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", feature_group_count=groups,

@@ -11,8 +11,8 @@ import sys
 import jax
 import pytest
 
-from framework import compilation_cache
-from framework.errors import ConfigError
+from prism.framework import compilation_cache
+from prism.framework.errors import ConfigError
 from tests.conftest import FAST
 
 SUMMARY = re.compile(r"compilation cache: (\d+) programs? loaded \(~\d+ s of compiling saved\), "
@@ -67,7 +67,7 @@ def test_a_second_identical_run_loads_its_programs_from_the_cache(tmp_path):
     env["PRISM_CACHE_DIR"] = str(tmp_path / "cache")
     counts = []
     for run in ("first", "second"):
-        proc = subprocess.run([sys.executable, "-m", "framework", "train", *FAST, f"hydra.run.dir={tmp_path / run}"],
+        proc = subprocess.run([sys.executable, "-m", "prism.framework", "train", *FAST, f"hydra.run.dir={tmp_path / run}"],
                               cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         match = SUMMARY.search(proc.stdout + proc.stderr)

@@ -1,4 +1,4 @@
-"""framework.conv: the matmul weight-gradient convolution equals lax.conv_general_dilated (forward, input
+"""prism.framework.conv: the matmul weight-gradient convolution equals lax.conv_general_dilated (forward, input
 and weight gradients), is chosen as documented, and trains a real model to the same loss and gradients."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from framework import conv
-from framework.errors import ConfigError
+from prism.framework import conv
+from prism.framework.errors import ConfigError
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -140,8 +140,8 @@ class _TinyResNet(nnx.Module):
     from the model plugins' own layers."""
 
     def __init__(self, rngs: nnx.Rngs):
-        from plugins.models._layers import batch_norm, conv, linear
-        from plugins.models.resnet import BasicBlock
+        from prism.plugins.models._layers import batch_norm, conv, linear
+        from prism.plugins.models.resnet import BasicBlock
 
         self.conv = conv(3, 4, 3, rngs=rngs)
         self.bn = batch_norm(4, rngs=rngs)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from framework.errors import ConfigError, DataError
-from framework.registry import DATASETS
+from prism.framework.errors import ConfigError, DataError
+from prism.framework.registry import DATASETS
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RACCOON = SHARED_DATA / "raccoon"
@@ -67,7 +67,7 @@ def digits(data_dir):
 
 # -- digits -----------------------------------------------------------------------------------------
 def test_digits_are_sklearns_images_in_a_stratified_split(digits, data_dir):
-    from plugins.datasets.digits import split_digits
+    from prism.plugins.datasets.digits import split_digits
 
     expected = split_digits(0.2, 0)
     info = digits.info
@@ -89,7 +89,7 @@ def test_digits_are_sklearns_images_in_a_stratified_split(digits, data_dir):
 
 
 def test_digits_prepare_once_and_a_new_identity_per_split(digits, data_dir, monkeypatch):
-    import plugins.datasets.digits as module
+    import prism.plugins.datasets.digits as module
 
     def fail(*args):
         raise AssertionError("prepared again")
@@ -106,7 +106,7 @@ def test_digits_prepare_once_and_a_new_identity_per_split(digits, data_dir, monk
 
 
 def test_digits_uncached_reads_the_same_examples(digits, data_dir):
-    from plugins.datasets.tfds_source import CachedSplit, MappedSplit
+    from prism.plugins.datasets.tfds_source import CachedSplit, MappedSplit
 
     uncached = build("digits", data_dir=str(data_dir), cache=False)
     assert isinstance(uncached.split("train"), MappedSplit) and isinstance(digits.split("train"), CachedSplit)
@@ -126,8 +126,8 @@ def test_digits_rejects_a_bad_fraction_before_preparing(tmp_path):
 
 
 def test_a_split_pickles_for_grain_workers_and_feeds_grain(digits, data_dir):
-    from framework.data import train_iterator
-    from framework.parallel import HostSlice
+    from prism.framework.data import train_iterator
+    from prism.framework.parallel import HostSlice
 
     split = build("digits", data_dir=str(data_dir), cache=False).split("test")
     clone = pickle.loads(pickle.dumps(split))
@@ -203,7 +203,7 @@ def test_fashion_mnist_prepares_from_idx_files(tmp_path):
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason=f"{FASHION} absent: apt-get install -y dataset-fashion-mnist")
 def test_fashion_mnist_real_images(tmp_path):
-    from plugins.datasets.fashion_mnist_local import CLASS_NAMES, FILES, read_idx
+    from prism.plugins.datasets.fashion_mnist_local import CLASS_NAMES, FILES, read_idx
 
     real = {split: (read_idx(FASHION / images), read_idx(FASHION / labels)) for split, (images, labels)
             in FILES.items()}
@@ -226,7 +226,7 @@ def test_fashion_mnist_missing_path_names_it(tmp_path):
 
 
 def test_truncated_idx_file_is_reported(tmp_path):
-    from plugins.datasets.fashion_mnist_local import read_idx
+    from prism.plugins.datasets.fashion_mnist_local import read_idx
 
     path = tmp_path / "bad.gz"
     with gzip.open(path, "wb") as f:
@@ -363,7 +363,7 @@ def test_image_folder_corrupt_images_skipped_with_a_count_or_fatal(tmp_path, dat
 
 
 def test_folder_identity_separates_folders_and_follows_changes(tmp_path, monkeypatch):
-    import plugins.datasets.image_folder as module
+    import prism.plugins.datasets.image_folder as module
 
     data = tmp_path / "data"
     for seed, name in enumerate(("one", "two")):

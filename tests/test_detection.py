@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from framework.api import DataInfo
-from framework.registry import MODELS, OBJECTIVES
-from plugins.models.yolov3 import YOLOv3
+from prism.framework.api import DataInfo
+from prism.framework.registry import MODELS, OBJECTIVES
+from prism.plugins.models.yolov3 import YOLOv3
 
 TINY_YOLO = {"width": 4, "blocks": [1, 1, 1, 1, 1],
              "anchors": [6, 6, 10, 14, 14, 10, 14, 24, 24, 14, 20, 20, 30, 20, 20, 30, 32, 32]}
@@ -180,8 +180,8 @@ def test_yolo_loss_equals_loop_reference():
 
 
 def test_a_model_or_dataset_that_does_not_fit_is_a_clear_error():
-    from framework.errors import ConfigError
-    from framework.registry import TASKS
+    from prism.framework.errors import ConfigError
+    from prism.framework.registry import TASKS
 
     info = DataInfo(num_classes=2, image_shape=(8, 8, 1))
     cnn = nnx.eval_shape(lambda: MODELS.build("simple_cnn", None, data=info, rngs=nnx.Rngs(0)))
@@ -212,9 +212,9 @@ def _red_extent(image: np.ndarray) -> tuple[float, float, float, float] | None:
 def test_boxes_follow_flips_crops_and_resizes_through_the_pipeline(tmp_path):
     """Images with one red square each, read by voc_folder and augmented by the ``detection`` preset (random
     crop + resize + flip) exactly as the train step does: the augmented box is where the red pixels are."""
-    from framework.augment import Pipeline
-    from framework.config import compose
-    from framework.train import prepare_images
+    from prism.framework.augment import Pipeline
+    from prism.framework.config import compose
+    from prism.framework.train import prepare_images
 
     root = tmp_path / "voc"
     rng = np.random.default_rng(1)
@@ -232,7 +232,7 @@ def test_boxes_follow_flips_crops_and_resizes_through_the_pipeline(tmp_path):
     cfg = compose(["dataset=voc_folder", f"dataset.path={root}", "dataset.max_boxes=2", "dataset.test_fraction=0",
                    "dataset.eval_split=train", f"dataset.data_dir={tmp_path / 'data'}",
                    "augment=detection", "augment.ops.0.size=[64,64]", "augment.ops.0.scale=[0.3,1.0]"])
-    from framework.registry import DATASETS
+    from prism.framework.registry import DATASETS
     source = DATASETS.build("voc_folder", DATASETS.get("voc_folder").config(
         **{k: v for k, v in cfg.dataset.items() if k != "name"}))
     split = source.split("train")
@@ -271,8 +271,8 @@ RUN_OVERRIDES = ["model=yolov3", *(f"model.{k}={v}".replace(" ", "") for k, v in
 @pytest.fixture(scope="module")
 def detection_run(tmp_path_factory):
     """A tiny YOLOv3 trained for 40 steps on 36 synthetic images (12 held out) of red and blue rectangles."""
-    from framework.config import compose
-    from framework.train import Trainer
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
 
     base = tmp_path_factory.mktemp("detection")
     voc = synthetic_voc(base / "voc", 48)
@@ -298,7 +298,7 @@ def test_detection_run_learns_and_draws_its_predictions(detection_run):
 def test_prism_eval_of_a_detection_run_equals_its_final_metrics(detection_run, tmp_path, capsys):
     import json
 
-    from framework.cli import main
+    from prism.framework.cli import main
 
     run_dir, result, _ = detection_run
     out = tmp_path / "eval"
@@ -315,7 +315,7 @@ def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, 
     """Through the CLI entry point (in-process: the run's programs are compiled already)."""
     import json
 
-    from framework.cli import main
+    from prism.framework.cli import main
 
     run_dir, _, voc = detection_run
     inputs = tmp_path / "inputs"
@@ -343,7 +343,7 @@ def test_prism_predict_writes_pictures_and_boxes_in_image_pixels(detection_run, 
 
 
 def test_prism_predict_errors_are_clear(tmp_path, capsys):
-    from framework.cli import main
+    from prism.framework.cli import main
 
     assert main(["predict", f"checkpoint={tmp_path}"]) == 2
     assert "prism predict needs input=..." in capsys.readouterr().err

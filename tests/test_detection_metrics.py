@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from framework.registry import METRICS
-from plugins.metrics.detection import Detections
-from plugins.tasks._nms import batched_nms
+from prism.framework.registry import METRICS
+from prism.plugins.metrics.detection import Detections
+from prism.plugins.tasks._nms import batched_nms
 
 pycocotools = pytest.importorskip("pycocotools", reason="pycocotools is in the test extra: pip install -e '.[test]'")
 from pycocotools import mask as mask_utils  # noqa: E402

@@ -7,17 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from framework.errors import CheckpointError, ConfigError, UnknownNameError
-from framework.evaluate import evaluate_run, evaluate_tasks, load_run, parse_task_list, run_config
-from framework.train import Trainer
+from prism.framework.errors import CheckpointError, ConfigError, UnknownNameError
+from prism.framework.evaluate import evaluate_run, evaluate_tasks, load_run, parse_task_list, run_config
+from prism.framework.train import Trainer
 from tests.conftest import REPO, run_prism
 
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     """A finished tiny digits run with checkpoints at steps 10 and 20 (the best one kept too)."""
-    from framework.config import compose
-    from framework.train import Trainer
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
 
     run_dir = tmp_path_factory.mktemp("saved") / "run"
     cfg = compose(["train.steps=20", "train.batch_size=32", "train.eval_every=10", "logging.progress=false",
@@ -67,7 +67,7 @@ def test_init_step_needs_only_the_runs_hydra_config(saved_run, tmp_path):
     """A run copied without its checkpoints (e.g. a recorded experiment) still gives its random-init baseline."""
     from omegaconf import OmegaConf
 
-    from framework.config import compose
+    from prism.framework.config import compose
 
     run_dir, _ = saved_run
     from_checkpoint = evaluate_run(run_dir, step="init", out_dir=tmp_path / "from_checkpoint")
@@ -97,7 +97,7 @@ def test_overrides_change_the_evaluation_not_the_model(saved_run, tmp_path):
 
 def test_run_config_restores_the_saved_values_typed(saved_run):
     run_dir, _ = saved_run
-    from framework.evaluate import _checkpointer
+    from prism.framework.evaluate import _checkpointer
 
     ckpt = _checkpointer(run_dir)
     config = ckpt.read_meta(max(ckpt.all_steps()))["config"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.config import CONF_DIR, compose
+from prism.framework.config import CONF_DIR, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""framework.layers.BatchNorm: equal to nnx.BatchNorm with one statistics group, to a NumPy per-group batch
+"""prism.framework.layers.BatchNorm: equal to nnx.BatchNorm with one statistics group, to a NumPy per-group batch
 norm with several, and free of cross-device reductions when each group is one device's shard."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from framework import parallel
-from framework.errors import ConfigError
-from framework.layers import BatchNorm
+from prism.framework import parallel
+from prism.framework.errors import ConfigError
+from prism.framework.layers import BatchNorm
 
 EPS, MOMENTUM = 1e-5, 0.9
 

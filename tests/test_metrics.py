@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework.registry import METRICS
+from prism.framework.registry import METRICS
 
 
 def test_classification_metrics_match_numpy():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from plugins.models._layers import conv, space_to_depth_conv
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import conv, space_to_depth_conv
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size,bias", [(7, 2, 3, (32, 32), False), (7, 2, 3, (31, 29), False),

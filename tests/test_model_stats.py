@@ -12,7 +12,7 @@ import re
 import jax
 from conftest import run_prism
 
-from framework import model_summary as ms
+from prism.framework import model_summary as ms
 
 
 def test_cached_summary_computes_once_then_reads_the_cache(tmp_path, monkeypatch):

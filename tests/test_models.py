@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.model_summary import count_params, model_summary
-from framework.registry import MODELS
-from plugins.models._layers import adaptive_avg_pool
-from plugins.models.mobilenet import SETTINGS, MobileNetV2Config, make_divisible
-from plugins.models.unet import output_size
-from plugins.models.yolov3 import prior_bias
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.model_summary import count_params, model_summary
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import adaptive_avg_pool
+from prism.plugins.models.mobilenet import SETTINGS, MobileNetV2Config, make_divisible
+from prism.plugins.models.unet import output_size
+from prism.plugins.models.yolov3 import prior_bias
 
 IMAGENET = DataInfo(num_classes=1000, image_shape=(224, 224, 3))
 
@@ -76,7 +76,7 @@ def test_every_model_is_registered_with_a_description_and_a_documented_config():
     for name in ZOO:
         entry = MODELS.get(name)
         assert entry.description, name
-        assert entry.module.startswith("plugins.models."), name
+        assert entry.module.startswith("prism.plugins.models."), name
         assert dataclasses.is_dataclass(entry.config), name
         assert len(entry.metadata["default_image_shape"]) == 3, name
         fields = {f.name for f in dataclasses.fields(entry.config)}
@@ -87,8 +87,8 @@ def test_every_model_is_registered_with_a_description_and_a_documented_config():
 
 
 def test_configs_compose_through_hydra():
-    from framework.config import compose
-    from framework.optim import plugin_config
+    from prism.framework.config import compose
+    from prism.framework.optim import plugin_config
 
     cfg = compose(["model=resnet18", "model.stem=cifar", "model.width=16"])
     model_cfg = plugin_config(cfg.model)
@@ -402,9 +402,9 @@ def test_model_summary_resnet18():
 
 
 def test_unoptimized_cpu_init_equals_the_optimized_compile_up_to_rounding():
-    """framework.train.RUN_ONCE (init programs compiled without LLVM optimization on CPU) changes the initial
+    """prism.framework.train.RUN_ONCE (init programs compiled without LLVM optimization on CPU) changes the initial
     weights by rounding only: the same draws, no FMA contraction."""
-    from framework.train import RUN_ONCE
+    from prism.framework.train import RUN_ONCE
 
     def init():
         cfg = dataclasses.replace(MODELS.get("simple_cnn").default_config(), widths=[8, 16])

@@ -31,7 +31,7 @@ def _losses(run_dir) -> list[float]:
 
 
 def _launch(run_dir, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "framework", "train", *OVERRIDES, f"hydra.run.dir={run_dir}"],
+    return subprocess.Popen([sys.executable, "-m", "prism.framework", "train", *OVERRIDES, f"hydra.run.dir={run_dir}"],
                             cwd=REPO, env={**os.environ, **env}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -12,10 +12,10 @@ import optax
 import pytest
 from omegaconf import OmegaConf
 
-from framework.errors import ConfigError
-from framework.registry import OPTIMIZERS, SCHEDULES
-from plugins.optimizers.optax_optimizers import AdamWConfig, LAMBConfig, LARSConfig, SGDConfig
-from plugins.optimizers.schedules import ConstantConfig, CosineConfig, StepConfig, WarmupCosineConfig
+from prism.framework.errors import ConfigError
+from prism.framework.registry import OPTIMIZERS, SCHEDULES
+from prism.plugins.optimizers.optax_optimizers import AdamWConfig, LAMBConfig, LARSConfig, SGDConfig
+from prism.plugins.optimizers.schedules import ConstantConfig, CosineConfig, StepConfig, WarmupCosineConfig
 
 OPTIMIZER_CONFIGS = {"sgd": SGDConfig, "adamw": AdamWConfig, "lars": LARSConfig, "lamb": LAMBConfig}
 SCHEDULE_CONFIGS = {
@@ -78,7 +78,7 @@ def test_optimizer_registered(name, config):
     entry = OPTIMIZERS.get(name)
     assert entry.config is config
     assert entry.description and "\n" not in entry.description
-    assert entry.module == "plugins.optimizers.optax_optimizers"
+    assert entry.module == "prism.plugins.optimizers.optax_optimizers"
     defaults = entry.default_config()
     assert isinstance(defaults.lr, float)  # the trainer hands cfg.lr to the schedule
     for f in dataclasses.fields(config):

@@ -58,16 +58,18 @@ def test_wheel_contents(wheel):
         names = set(zf.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = zf.read(entry_points).decode()
-    for required in ("conf/config.yaml", "framework/train.py", "framework/cli.py", "plugins/models/simple_cnn.py",
-                     "plugins/optimizers/optax_optimizers.py", PROBE_PRESET):
+    for required in ("prism/conf/config.yaml", "prism/framework/train.py", "prism/framework/cli.py",
+                     "prism/plugins/models/simple_cnn.py",
+                     "prism/plugins/optimizers/optax_optimizers.py", f"prism/{PROBE_PRESET}"):
         assert required in names, f"{required} missing from {wheel.name}"
-    assert not [n for n in names if n.startswith(("tests/", "outputs/", "multirun/"))]
-    assert "[console_scripts]\nprism = framework.cli:main" in scripts
+    top_level = ("tests/", "outputs/", "multirun/", "framework/", "plugins/", "conf/")  # only prism/... is installed
+    assert not [n for n in names if n.startswith(top_level)]
+    assert "[console_scripts]\nprism = prism.framework.cli:main" in scripts
 
 
 def test_unpacked_wheel_finds_its_conf_dir(unpacked, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(unpacked)}
-    code = ("import framework; from framework.config import CONF_DIR; "
+    code = ("import prism.framework as framework; from prism.framework.config import CONF_DIR; "
             "print(framework.__file__); print(CONF_DIR); print((CONF_DIR / 'config.yaml').exists())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -75,7 +77,7 @@ def test_unpacked_wheel_finds_its_conf_dir(unpacked, tmp_path):
     assert proc.returncode == 0, proc.stderr
     framework_file, conf_dir, exists = proc.stdout.split()
     assert Path(framework_file).is_relative_to(unpacked)  # the wheel's copy, not the editable repo
-    assert Path(conf_dir) == unpacked / "conf"
+    assert Path(conf_dir) == unpacked / "prism" / "conf"
     assert exists == "True"
 
 

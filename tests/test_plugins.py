@@ -13,14 +13,19 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_prism
 
-from framework.config import SELECTED_KINDS, group_options
-from framework.plugins import BUILTIN_PACKAGE, ENTRY_POINT_GROUP, _builtin_module_names, load_plugins, plugin_failures
-from framework.registry import DATASETS, MODELS, OBJECTIVES, OPTIMIZERS, REGISTRIES, SCHEDULES, TASKS
+from prism.framework.config import SELECTED_KINDS, group_options
+from prism.framework.plugins import (
+    ENTRY_POINT_GROUP,
+    _builtin_module_names,
+    load_plugins,
+    plugin_failures,
+)
+from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, OPTIMIZERS, REGISTRIES, SCHEDULES, TASKS
 
 BROKEN_MODULE = '''\
 """A plugin whose dependency is not installed: importing it raises before it registers anything."""
 
-from framework.registry import MODELS
+from prism.framework.registry import MODELS
 
 import prism_dependency_that_is_not_installed  # noqa: F401  (raises ModuleNotFoundError)
 
@@ -33,7 +38,7 @@ def build(cfg=None, *, data, rngs):
 GOOD_MODULE = '''\
 """A plugin whose entry point is a callable: prism calls it once after importing the module."""
 
-from framework.registry import MODELS
+from prism.framework.registry import MODELS
 
 
 def register():
@@ -47,13 +52,14 @@ def test_builtin_modules_are_all_imported_without_failures():
     load_plugins()
     names = _builtin_module_names()
     on_disk = {  # every module file and sub-package under plugins/, except private ones
-        ".".join((p.parent if p.name == "__init__.py" else p.with_suffix("")).relative_to(REPO).parts)
-        for p in (REPO / BUILTIN_PACKAGE).rglob("*.py")
-        if p.parent != REPO / BUILTIN_PACKAGE or p.name != "__init__.py"
+        ".".join(("prism", *(p.parent if p.name == "__init__.py" else p.with_suffix("")).relative_to(REPO).parts))
+        for p in (REPO / "plugins").rglob("*.py")
+        if p.parent != REPO / "plugins" or p.name != "__init__.py"
         if p.name == "__init__.py" or not p.name.startswith("_")
     }
     assert set(names) == on_disk
-    assert {"plugins.models.simple_cnn", "plugins.optimizers.optax_optimizers", "plugins.datasets.digits"} <= on_disk
+    assert {"prism.plugins.models.simple_cnn", "prism.plugins.optimizers.optax_optimizers",
+            "prism.plugins.datasets.digits"} <= on_disk
     assert not [n for n in names if n not in sys.modules]
     assert plugin_failures() == {}
 
@@ -61,13 +67,13 @@ def test_builtin_modules_are_all_imported_without_failures():
 @pytest.mark.parametrize(
     ("registry", "name", "module"),
     [
-        (MODELS, "simple_cnn", "plugins.models.simple_cnn"),
-        (OPTIMIZERS, "lars", "plugins.optimizers.optax_optimizers"),
-        (OPTIMIZERS, "adamw", "plugins.optimizers.optax_optimizers"),
-        (SCHEDULES, "cosine", "plugins.optimizers.schedules"),
-        (DATASETS, "digits", "plugins.datasets.digits"),
-        (OBJECTIVES, "supervised", "plugins.objectives.supervised"),
-        (TASKS, "classification", "plugins.tasks.classification"),
+        (MODELS, "simple_cnn", "prism.plugins.models.simple_cnn"),
+        (OPTIMIZERS, "lars", "prism.plugins.optimizers.optax_optimizers"),
+        (OPTIMIZERS, "adamw", "prism.plugins.optimizers.optax_optimizers"),
+        (SCHEDULES, "cosine", "prism.plugins.optimizers.schedules"),
+        (DATASETS, "digits", "prism.plugins.datasets.digits"),
+        (OBJECTIVES, "supervised", "prism.plugins.objectives.supervised"),
+        (TASKS, "classification", "prism.plugins.tasks.classification"),
     ],
 )
 def test_builtin_names_resolve_to_their_modules(registry, name, module):

@@ -23,10 +23,10 @@ from conftest import FAST, REPO, read_result
 from flax import nnx
 from safetensors.numpy import save_file
 
-from framework.api import DataInfo
-from framework.model_summary import count_params
-from framework.pretrained import WeightsError, load_pretrained, weight_variables
-from framework.registry import MODELS
+from prism.framework.api import DataInfo
+from prism.framework.model_summary import count_params
+from prism.framework.pretrained import WeightsError, load_pretrained, weight_variables
+from prism.framework.registry import MODELS
 
 TINY_RESNET = dict(depth=18, stem="imagenet", width=4)  # torchvision names and layout, 4-wide
 
@@ -112,9 +112,9 @@ def test_safetensors_import_does_not_need_torch(tmp_path):
 import sys
 sys.modules["torch"] = None  # `import torch` now raises ImportError, as without torch installed
 from flax import nnx
-from framework.api import DataInfo
-from framework.registry import MODELS
-from framework.pretrained import load_pretrained
+from prism.framework.api import DataInfo
+from prism.framework.registry import MODELS
+from prism.framework.pretrained import load_pretrained
 cfg = MODELS.get("resnet18").default_config()
 cfg.width = 4
 model = nnx.eval_shape(lambda: MODELS.build("resnet18", cfg, data=DataInfo(10, (32, 32, 3)), rngs=nnx.Rngs(0)))
@@ -205,7 +205,7 @@ def test_stem_config_that_torchvision_lacks_is_refused(tmp_path):
 
 
 def test_legacy_densenet_names_are_renamed():
-    from plugins.models.densenet import torch_rename
+    from prism.plugins.models.densenet import torch_rename
 
     layer = "features.denseblock2.denselayer11"
     assert torch_rename(f"{layer}.norm.1.running_var") == f"{layer}.norm1.running_var"
@@ -235,8 +235,8 @@ def _timm_vit_state_dict(classes: int, d: int = 16, channels: int = 1, patch: in
 def test_trainer_starts_from_a_safetensors_file_and_records_it(tmp_path):
     sd = _timm_vit_state_dict(classes=10)  # digits: 8x8x1 images, 10 classes
     path = _save(tmp_path, sd, "vit.safetensors")
-    from framework.config import compose
-    from framework.train import Trainer
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
 
     fast = [o for o in FAST if not o.startswith("model.")]  # FAST sizes the default simple_cnn
     overrides = [*fast, *VIT, f"model.pretrained={path}", "train.steps=2", "train.max_eval_batches=1"]
@@ -256,8 +256,8 @@ def test_trainer_starts_from_a_safetensors_file_and_records_it(tmp_path):
 
 
 def test_fine_tune_from_a_prism_run_loads_its_model_and_reinitialises_another_head(tmp_path, train_run):
-    from framework.config import compose
-    from framework.train import Trainer
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
 
     first, _ = train_run(["model.widths=[8,16]", "train.ema_decay=0.5"], run_dir=tmp_path / "pretrain")
     trained = jax.device_get(first.state.ema_params["model"])  # a run with an EMA is loaded from its EMA weights

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from framework.errors import DuplicateNameError, PrismError, UnknownNameError
-from framework.registry import MODELS, OPTIMIZERS, REGISTRIES, Entry, Registry, registry_for
+from prism.framework.errors import DuplicateNameError, PrismError, UnknownNameError
+from prism.framework.registry import MODELS, OPTIMIZERS, REGISTRIES, Entry, Registry, registry_for
 
 
 @dataclass

@@ -13,13 +13,13 @@ import pytest
 import scipy.ndimage
 from PIL import Image
 
-from framework.augment import Pipeline, build_transform
-from framework.errors import ConfigError, DataError
-from framework.registry import DATASETS, METRICS, OBJECTIVES, TASKS
-from plugins.metrics.segmentation import summarize_confusion
-from plugins.objectives.segmentation import SegmentationLossConfig
-from plugins.tasks.segmentation import SegmentationConfig, palette
-from plugins.transforms.elastic import deform, displacement_field
+from prism.framework.augment import Pipeline, build_transform
+from prism.framework.errors import ConfigError, DataError
+from prism.framework.registry import DATASETS, METRICS, OBJECTIVES, TASKS
+from prism.plugins.metrics.segmentation import summarize_confusion
+from prism.plugins.objectives.segmentation import SegmentationLossConfig
+from prism.plugins.tasks.segmentation import SegmentationConfig, palette
+from prism.plugins.transforms.elastic import deform, displacement_field
 
 ISBI = Path(__file__).resolve().parents[1].parent / "shared/data/isbi2012_membrane/data/membrane/train"
 
@@ -100,7 +100,7 @@ def test_absent_class_is_left_out_of_the_mean_and_valid_crop():
 
 # -- objective ----------------------------------------------------------------------------------------------
 def _objective(data_classes=3, **fields):
-    from framework.api import DataInfo
+    from prism.framework.api import DataInfo
 
     info = DataInfo(num_classes=data_classes, image_shape=(9, 11, 1))
     return OBJECTIVES.build("segmentation", SegmentationLossConfig(**fields), model=None, data=info, rngs=None)
@@ -199,7 +199,7 @@ def test_elastic_in_a_pipeline_and_its_errors():
 
 # -- render -------------------------------------------------------------------------------------------------
 def test_render_draws_prediction_beside_ground_truth(tmp_path):
-    from framework.api import DataInfo
+    from prism.framework.api import DataInfo
 
     task = TASKS.build("segmentation", SegmentationConfig(overlay_alpha=0.5),
                        data=DataInfo(num_classes=2, image_shape=(8, 8, 1)))
@@ -227,7 +227,7 @@ def test_predict_outputs_and_render_without_ground_truth(tmp_path):
     """``prism predict`` path: class maps of unlabelled images, drawn without a ground-truth panel."""
     from flax import nnx
 
-    from framework.api import DataInfo
+    from prism.framework.api import DataInfo
 
     task = TASKS.build("segmentation", SegmentationConfig(overlay_alpha=0.5),
                        data=DataInfo(num_classes=3, image_shape=(6, 6, 1)))
@@ -267,9 +267,9 @@ def test_mask_of_other_size_fails_or_is_skipped_by_config(tmp_path, caplog):
 # -- the ISBI 2012 preset, a few steps on the real images ----------------------------------------------------
 @pytest.mark.skipif(not ISBI.is_dir(), reason=f"ISBI 2012 membranes not found at {ISBI} (../shared/data)")
 def test_unet_isbi2012_preset_trains_and_reports_exact_metrics(tmp_path):
-    from framework import parallel
-    from framework.config import compose
-    from framework.train import Trainer
+    from prism.framework import parallel
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
 
     cfg = compose(["+experiment=unet_isbi2012", f"dataset.path={ISBI}",
                    "dataset.image_size=[32,32]", "model.width=4", "model.levels=1", "train.steps=3",

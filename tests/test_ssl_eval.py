@@ -14,15 +14,15 @@ import pytest
 from conftest import REPO, read_result, run_prism
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.config import compose
-from framework.errors import ConfigError
-from framework.evaluate import evaluate_run, evaluate_tasks
-from framework.registry import TASKS
-from framework.train import Trainer, _build_plugin, prepare_images
-from plugins.tasks import knn as knn_module
-from plugins.tasks.knn import KNN, KNNConfig, weighted_knn_scores
-from plugins.tasks.linear_probe import LinearProbe, LinearProbeConfig
+from prism.framework.api import DataInfo
+from prism.framework.config import compose
+from prism.framework.errors import ConfigError
+from prism.framework.evaluate import evaluate_run, evaluate_tasks
+from prism.framework.registry import TASKS
+from prism.framework.train import Trainer, _build_plugin, prepare_images
+from prism.plugins.tasks import knn as knn_module
+from prism.plugins.tasks.knn import KNN, KNNConfig, weighted_knn_scores
+from prism.plugins.tasks.linear_probe import LinearProbe, LinearProbeConfig
 
 sys.path.insert(0, str(REPO / "experiments"))
 import ssl_table  # noqa: E402

@@ -13,15 +13,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from framework.train import RUN_ONCE, System
-from plugins.models.simple_cnn import SimpleCNNConfig
-from plugins.objectives._ssl_common import EMATarget, cosine_tau
-from plugins.objectives.byol import BYOLConfig, build_byol, symmetric_byol_loss
-from plugins.objectives.simclr import SimCLRConfig, build_simclr, nt_xent
-from plugins.objectives.vicreg import VICRegConfig, build_vicreg, vicreg_terms
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.framework.train import RUN_ONCE, System
+from prism.plugins.models.simple_cnn import SimpleCNNConfig
+from prism.plugins.objectives._ssl_common import EMATarget, cosine_tau
+from prism.plugins.objectives.byol import BYOLConfig, build_byol, symmetric_byol_loss
+from prism.plugins.objectives.simclr import SimCLRConfig, build_simclr, nt_xent
+from prism.plugins.objectives.vicreg import VICRegConfig, build_vicreg, vicreg_terms
 
 INFO = DataInfo(num_classes=10, image_shape=(8, 8, 1))
 

@@ -14,13 +14,13 @@ import pytest
 from conftest import FAST
 from flax import nnx
 
-from framework import parallel
-from framework.config import compose
-from framework.data import train_iterator
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from framework.train import Trainer, prepare_images
-from plugins.objectives._ssl_common import EMATarget
+from prism.framework import parallel
+from prism.framework.config import compose
+from prism.framework.data import train_iterator
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.framework.train import Trainer, prepare_images
+from prism.plugins.objectives._ssl_common import EMATarget
 
 SMALL_HEADS = ["objective.proj_hidden_dim=32", "objective.proj_output_dim=16"]
 QUIET = ["logging.tensorboard=false", "logging.plots=false"]
@@ -88,7 +88,7 @@ def test_online_probe_metric_equals_a_computation_outside_the_trainer(simclr_run
 
 def test_objective_eval_outputs_clashing_with_the_task_is_an_error(tmp_path, monkeypatch):
     """The hook is generic: here the task (classification) and a probe named like it would collide."""
-    from plugins.objectives import _ssl_common
+    from prism.plugins.objectives import _ssl_common
 
     monkeypatch.setattr(_ssl_common, "PROBE_PREFIX", "")  # the probe reports "top1" and "loss" ...
     trainer = Trainer(ssl_config("simclr", "simclr", "train.steps=1"), tmp_path / "clash")

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from conftest import REPO, finish_all, read_result, run_prism
 
-from framework.cli import check_group_choices
-from framework.errors import ConfigError
-from framework.parallel import _env_describes_multiprocess, _slurm_local_device_ids
-from framework.sweep import parse_overrides
+from prism.framework.cli import check_group_choices
+from prism.framework.errors import ConfigError
+from prism.framework.parallel import _env_describes_multiprocess, _slurm_local_device_ids
+from prism.framework.sweep import parse_overrides
 
 TINY = ["train.steps=4", "train.batch_size=16", "train.eval_every=2", "logging.progress=false",
         "checkpoint.enabled=false", "logging.tensorboard=false", "logging.plots=false"]
@@ -47,7 +47,7 @@ def test_claim_devices_gives_each_process_its_own_set(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from framework.sweep import claim_devices
+        from prism.framework.sweep import claim_devices
         try:
             print(claim_devices(2, Path({str(tmp_path)!r})), flush=True)
         except Exception as exc:
@@ -224,7 +224,7 @@ def test_two_slurm_tasks_initialize_jax_distributed(tmp_path):
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
              "SLURM_STEP_NUM_NODES": "1", "JAX_COORDINATOR_PORT": str(_free_port()),
              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "framework", "train", "model.widths=[4]", *TINY,
+    procs = [subprocess.Popen([sys.executable, "-m", "prism.framework", "train", "model.widths=[4]", *TINY,
                                f"hydra.run.dir={run_dir}"], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT,
                               env={**base, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})

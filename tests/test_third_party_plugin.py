@@ -67,7 +67,7 @@ def test_train_the_installed_model(plugin_env, tmp_path):
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert saved.model.name == "tiny_mlp"
     assert saved.model.hidden == 16
-    # the plugin's dataclass is the whole model schema, plus the keys every model has (framework.config.COMMON_FIELDS)
+    # the plugin's dataclass is the whole model schema, plus the keys every model has (config.COMMON_FIELDS)
     assert set(saved.model) == {"name", "pretrained", "hidden"}
 
 

@@ -1,7 +1,7 @@
 """Checkpoints: exact resume after kill -9, clean exit on SIGTERM, keep-last-K-plus-best, refusal of
 an incompatible checkpoint, and the input pipeline's position stored beside the train state.
 
-The process-boundary tests run ``python -m framework train`` in subprocesses (4 simulated devices,
+The process-boundary tests run ``python -m prism.framework train`` in subprocesses (4 simulated devices,
 inherited from ``conftest``); they share a persistent XLA compilation cache so that the runs of one
 config compile once.
 """
@@ -22,12 +22,12 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import FAST, REPO, read_result, run_prism
 
-from framework.checkpoint import Checkpointer
-from framework.config import compose
-from framework.data import train_dataset, train_iterator
-from framework.errors import CheckpointError
-from framework.logging import read_metrics
-from framework.train import Trainer
+from prism.framework.checkpoint import Checkpointer
+from prism.framework.config import compose
+from prism.framework.data import train_dataset, train_iterator
+from prism.framework.errors import CheckpointError
+from prism.framework.logging import read_metrics
+from prism.framework.train import Trainer
 
 #: 40 steps, a checkpoint every 10, metrics every step (also slows the loop enough to be killed mid-run).
 RESUME_RUN = [*FAST, "train.steps=40", "checkpoint.every=10", "train.log_every=1", "logging.tensorboard=false",
@@ -47,7 +47,7 @@ def _steps(checkpoint_dir: Path) -> list[int]:
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "framework", "train", *args], cwd=REPO, env={**os.environ, **env},
+    return subprocess.Popen([sys.executable, "-m", "prism.framework", "train", *args], cwd=REPO, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import FAST
 from flax import nnx
 
-from framework.config import compose
-from framework.train import Trainer, prepare_images
+from prism.framework.config import compose
+from prism.framework.train import Trainer, prepare_images
 
 #: A short run that leaves a model far from constant predictions (so padding errors would show).
 EVAL_RUN = [*FAST, "train.steps=30", "train.eval_every=30", "schedule=constant", "optimizer.lr=0.05",

@@ -15,12 +15,12 @@ from conftest import FAST, REPO, read_result, run_prism
 from flax import nnx
 from hydra.core.config_store import ConfigStore
 
-from framework.api import Objective
-from framework.config import compose
-from framework.errors import NonFiniteLossError
-from framework.logging import read_metrics
-from framework.registry import OBJECTIVES
-from framework.train import Trainer
+from prism.framework.api import Objective
+from prism.framework.config import compose
+from prism.framework.errors import NonFiniteLossError
+from prism.framework.logging import read_metrics
+from prism.framework.registry import OBJECTIVES
+from prism.framework.train import Trainer
 
 NAN_AT = 13  # the loss of the 13th batch (logged as step 13) is NaN
 

@@ -21,13 +21,13 @@ from flax import nnx
 from hydra.core.config_store import ConfigStore
 from jax.extend import core as jax_core
 
-from framework import parallel
-from framework.config import compose
-from framework.data import train_iterator
-from framework.logging import read_metrics
-from framework.optim import build_optimizer, decay_mask
-from framework.registry import MODELS
-from framework.train import Trainer, prepare_images
+from prism.framework import parallel
+from prism.framework.config import compose
+from prism.framework.data import train_iterator
+from prism.framework.logging import read_metrics
+from prism.framework.optim import build_optimizer, decay_mask
+from prism.framework.registry import MODELS
+from prism.framework.train import Trainer, prepare_images
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.plots=false", "checkpoint.enabled=false"]
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import FAST, REPO, read_result, run_prism
 
-from framework.logging import read_metrics
+from prism.framework.logging import read_metrics
 
 TRAIN_SIZE = 1437  # digits: 1,797 images, 20% held out
 

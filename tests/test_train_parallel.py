@@ -15,14 +15,14 @@ import pytest
 from conftest import FAST, REPO, read_result, run_prism
 from flax import nnx
 
-from framework import parallel
-from framework.config import compose
-from framework.data import train_dataset
-from framework.errors import ConfigError
-from framework.layers import BatchNorm
-from framework.logging import read_metrics
-from framework.parallel import HostSlice
-from framework.train import Trainer
+from prism.framework import parallel
+from prism.framework.config import compose
+from prism.framework.data import train_dataset
+from prism.framework.errors import ConfigError
+from prism.framework.layers import BatchNorm
+from prism.framework.logging import read_metrics
+from prism.framework.parallel import HostSlice
+from prism.framework.train import Trainer
 
 #: Identical numbers on every device count: log every step, shuffled data, dropout left at its default
 #: (0.1; with partitionable threefry the dropout mask does not depend on how the batch is sharded).

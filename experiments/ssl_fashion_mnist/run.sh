@@ -59,16 +59,16 @@ for method in "${METHOD_LIST[@]}"; do
   extra=("${TRAIN_EXTRA[@]}")
   if [ -n "${EXTRA:-}" ]; then read -r -a more <<< "$EXTRA"; extra+=("${more[@]}"); fi
   if [ "${SMOKE:-0}" = 1 ] && [ $method = byol ]; then extra+=(objective.pred_hidden_dim=32); fi
-  $PY -m framework train +experiment=${method}_fashion_mnist$SUFFIX dataset.path="$DATA" logging.progress=false \
+  $PY -m prism.framework train +experiment=${method}_fashion_mnist$SUFFIX dataset.path="$DATA" logging.progress=false \
       ${EPOCHS:+train.epochs=$EPOCHS} "${extra[@]}" hydra.run.dir="$RUNS/$name"
 done
 for name in "${names[@]}"; do  # linear probe and kNN in one process: one checkpoint load, one feature pass
   stage eval || break
-  $PY -m framework eval checkpoint="$RUNS/$name" eval.step=latest "eval.tasks=[linear_probe,knn]" "${EVAL_EXTRA[@]}" \
+  $PY -m prism.framework eval checkpoint="$RUNS/$name" eval.step=latest "eval.tasks=[linear_probe,knn]" "${EVAL_EXTRA[@]}" \
       eval.out="$RUNS/$name/eval"
 done
 if stage baseline; then  # the untrained backbone, on the first run (all start from the same weights)
-  $PY -m framework eval checkpoint="$RUNS/${names[0]}" eval.step=init "eval.tasks=[linear_probe,knn]" "${EVAL_EXTRA[@]}" \
+  $PY -m prism.framework eval checkpoint="$RUNS/${names[0]}" eval.step=init "eval.tasks=[linear_probe,knn]" "${EVAL_EXTRA[@]}" \
       eval.out="$RUNS/${names[0]}/eval/init"
 fi
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from framework.errors import ConfigError, DataError
-from plugins.datasets.tfds_source import png_bytes, short_identity
+from prism.framework.errors import ConfigError, DataError
+from prism.plugins.datasets.tfds_source import png_bytes, short_identity
 
 log = logging.getLogger("prism")
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.errors import ConfigError
-from framework.registry import DATASETS
-from plugins.datasets.tfds_source import Plan, TFDSSource, labelled_array_plan, load_or_prepare, short_identity
+from prism.framework.errors import ConfigError
+from prism.framework.registry import DATASETS
+from prism.plugins.datasets.tfds_source import Plan, TFDSSource, labelled_array_plan, load_or_prepare, short_identity
 
 CLASS_NAMES = tuple(str(d) for d in range(10))
 VERSION = "1.0.0"

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from framework.errors import DataError
-from framework.registry import DATASETS
-from plugins.datasets._folder_common import fingerprint
-from plugins.datasets.tfds_source import Plan, TFDSSource, labelled_array_plan, load_or_prepare, short_identity
+from prism.framework.errors import DataError
+from prism.framework.registry import DATASETS
+from prism.plugins.datasets._folder_common import fingerprint
+from prism.plugins.datasets.tfds_source import Plan, TFDSSource, labelled_array_plan, load_or_prepare, short_identity
 
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                "ankle boot")

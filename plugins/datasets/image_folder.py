@@ -14,9 +14,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from framework.errors import DataError
-from framework.registry import DATASETS
-from plugins.datasets._folder_common import (
+from prism.framework.errors import DataError
+from prism.framework.registry import DATASETS
+from prism.plugins.datasets._folder_common import (
     DECODE_ERRORS,
     CorruptImages,
     FolderConfig,
@@ -28,7 +28,7 @@ from plugins.datasets._folder_common import (
     read_header,
     stratified_test_mask,
 )
-from plugins.datasets.tfds_source import Plan, TFDSSource, load_or_prepare
+from prism.plugins.datasets.tfds_source import Plan, TFDSSource, load_or_prepare
 
 VERSION = "1.0.0"
 

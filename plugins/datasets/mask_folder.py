@@ -19,9 +19,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from framework.errors import ConfigError, DataError
-from framework.registry import DATASETS
-from plugins.datasets._folder_common import (
+from prism.framework.errors import ConfigError, DataError
+from prism.framework.registry import DATASETS
+from prism.plugins.datasets._folder_common import (
     DECODE_ERRORS,
     CorruptImages,
     FolderConfig,
@@ -33,7 +33,15 @@ from plugins.datasets._folder_common import (
     read_header,
     require_dir,
 )
-from plugins.datasets.tfds_source import Example, Plan, TFDSSource, fit_image, fit_mask, load_or_prepare, png_bytes
+from prism.plugins.datasets.tfds_source import (
+    Example,
+    Plan,
+    TFDSSource,
+    fit_image,
+    fit_mask,
+    load_or_prepare,
+    png_bytes,
+)
 
 VERSION = "1.0.0"
 log = logging.getLogger("prism")

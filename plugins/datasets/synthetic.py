@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import DATASETS
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import DATASETS
 
 SPLIT_SEEDS = {"train": 0, "test": 1}
 

@@ -3,10 +3,10 @@
 Every dataset in prism is read the same way: a prepared ``tensorflow_datasets`` builder in
 array_record format, opened with ``builder.as_data_source(split)`` (random access, no TensorFlow at
 run time) and fed to grain by index. :class:`TFDSSource` wraps such a builder into the
-:class:`framework.api.DataSource` contract: it maps each TFDS example to the arrays a batch holds
+:class:`prism.framework.api.DataSource` contract: it maps each TFDS example to the arrays a batch holds
 (``image`` uint8 (H, W, C) and ``label`` int32 for classification; subclasses map detection and
 segmentation examples), resizes images on the host when the dataset's images vary in size, and
-derives :class:`~framework.api.DataInfo` from ``builder.info``.
+derives :class:`~prism.framework.api.DataInfo` from ``builder.info``.
 
 Prism's own datasets (digits, Fashion-MNIST, image/VOC/mask folders) are TFDS builders generated
 from a :class:`Plan` by :func:`load_or_prepare`: prepared once into ``data_dir/<name>/<identity>/``
@@ -36,9 +36,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from framework.api import DataInfo
-from framework.errors import ConfigError, DataError
-from framework.registry import DATASETS
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError, DataError
+from prism.framework.registry import DATASETS
 
 log = logging.getLogger("prism")
 
@@ -276,7 +276,7 @@ def _feature(features: tfds.features.FeaturesDict, key: str) -> Any:
 
 
 class TFDSSource:
-    """A :class:`framework.api.DataSource` over a prepared TFDS builder (array_record, random access).
+    """A :class:`prism.framework.api.DataSource` over a prepared TFDS builder (array_record, random access).
 
     ``split(name)`` accepts any TFDS split spec (``train``, ``train[:90%]``, ``train[90%:]``);
     ``used_splits`` are the specs the run trains and evaluates on, whose sizes ``info.splits`` gives.

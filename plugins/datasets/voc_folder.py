@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from framework.errors import ConfigError, DataError
-from framework.registry import DATASETS
-from plugins.datasets._folder_common import (
+from prism.framework.errors import ConfigError, DataError
+from prism.framework.registry import DATASETS
+from prism.plugins.datasets._folder_common import (
     DECODE_ERRORS,
     CorruptImages,
     FolderConfig,
@@ -36,7 +36,7 @@ from plugins.datasets._folder_common import (
     read_header,
     require_dir,
 )
-from plugins.datasets.tfds_source import Example, Plan, TFDSSource, fit_image, load_or_prepare
+from prism.plugins.datasets.tfds_source import Example, Plan, TFDSSource, fit_image, load_or_prepare
 
 log = logging.getLogger("prism")
 

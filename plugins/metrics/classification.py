@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from framework.registry import METRICS
+from prism.framework.registry import METRICS
 
 
 @METRICS.register("accuracy", description="1 where the arg-max class equals the label, else 0.")

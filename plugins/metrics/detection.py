@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from framework.registry import METRICS
+from prism.framework.registry import METRICS
 
 #: COCO's IoU thresholds 0.50:0.05:0.95 and recall points 0:0.01:1 (as pycocotools builds them).
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)

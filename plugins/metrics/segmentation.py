@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from framework.registry import METRICS
+from prism.framework.registry import METRICS
 
 
 def center_crop_to(labels: jax.Array, height: int, width: int) -> jax.Array:

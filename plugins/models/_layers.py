@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.conv import conv_general_dilated
-from framework.errors import ConfigError
-from framework.layers import BatchNorm
+from prism.framework.api import DataInfo
+from prism.framework.conv import conv_general_dilated
+from prism.framework.errors import ConfigError
+from prism.framework.layers import BatchNorm
 
 #: torchvision BatchNorm defaults: eps 1e-5, PyTorch momentum 0.1 = flax momentum 0.9.
 BN_EPS = 1e-5
@@ -57,7 +57,7 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 
          space_to_depth: bool = False) -> nnx.Conv:
     """A square conv with PyTorch semantics: symmetric ``padding`` (default ``kernel // 2``), ``groups``.
 
-    It computes through :func:`framework.conv.conv_general_dilated` (on CPU, a matmul weight gradient);
+    It computes through :func:`prism.framework.conv.conv_general_dilated` (on CPU, a matmul weight gradient);
     with ``space_to_depth`` (strided convs only) it is a :class:`SpaceToDepthConv`."""
     p = kernel // 2 if padding is None else padding
     layer = SpaceToDepthConv if space_to_depth else nnx.Conv
@@ -69,7 +69,7 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 
 def batch_norm(channels: int, *, rngs: nnx.Rngs, zero_init: bool = False) -> BatchNorm:
     """BatchNorm with torchvision's eps/momentum; ``zero_init`` starts gamma at 0 (residual branches).
 
-    :class:`framework.layers.BatchNorm`, so that ``parallel.batch_stats=per_device`` applies to it."""
+    :class:`prism.framework.layers.BatchNorm`, so that ``parallel.batch_stats=per_device`` applies to it."""
     return BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, scale_init=zeros if zero_init else ones,
                          rngs=rngs)
 

@@ -1,6 +1,6 @@
 """PyTorch -> flax NNX weight conversion by layer type: the generic part of every model's converter.
 
-A model's converter (registered as its ``torch_weights`` metadata, see :mod:`framework.pretrained`) only
+A model's converter (registered as its ``torch_weights`` metadata, see :mod:`prism.framework.pretrained`) only
 says which of its modules corresponds to which torch module name::
 
     rules = TorchRules(model)
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from flax import nnx
 
-from framework.pretrained import TensorRule
+from prism.framework.pretrained import TensorRule
 
 
 def _shape(x) -> tuple[int, ...]:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import jax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.registry import MODELS
-from plugins.models._layers import (
+from prism.framework.api import DataInfo
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import (
     adaptive_avg_pool,
     check_stem_conv,
     conv,
@@ -18,7 +18,7 @@ from plugins.models._layers import (
     num_classes_of,
     torch_default,
 )
-from plugins.models._torch_import import TorchRules, nchw_flatten_linear
+from prism.plugins.models._torch_import import TorchRules, nchw_flatten_linear
 
 #: (out channels, kernel, stride, padding, max-pool after) of the five convs (torchvision.models.alexnet).
 CONVS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (256, 3, 1, 1, False),

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.registry import MODELS
-from plugins.models._layers import (
+from prism.framework.api import DataInfo
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import (
     avg_pool,
     batch_norm,
     check_stem_conv,
@@ -21,7 +21,7 @@ from plugins.models._layers import (
     max_pool,
     num_classes_of,
 )
-from plugins.models._torch_import import TorchRules
+from prism.plugins.models._torch_import import TorchRules
 
 
 @dataclass

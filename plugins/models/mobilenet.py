@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import jax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.registry import MODELS
-from plugins.models._layers import batch_norm, check_stem_conv, conv, linear, num_classes_of
-from plugins.models._torch_import import TorchRules
+from prism.framework.api import DataInfo
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import batch_norm, check_stem_conv, conv, linear, num_classes_of
+from prism.plugins.models._torch_import import TorchRules
 
 #: (expansion t, output channels c, repeats n, first stride s), torchvision.models.mobilenetv2.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),

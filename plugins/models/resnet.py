@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import jax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from plugins.models._layers import (
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import (
     batch_norm,
     check_stem_conv,
     conv,
@@ -19,7 +19,7 @@ from plugins.models._layers import (
     max_pool,
     num_classes_of,
 )
-from plugins.models._torch_import import TorchRules
+from prism.plugins.models._torch_import import TorchRules
 
 #: depth -> (block type, blocks per stage), as torchvision.models.resnet.
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import jax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.conv import conv_general_dilated
-from framework.layers import BatchNorm
-from framework.registry import MODELS
+from prism.framework.api import DataInfo
+from prism.framework.conv import conv_general_dilated
+from prism.framework.layers import BatchNorm
+from prism.framework.registry import MODELS
 
 
 @dataclass

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from plugins.models._layers import batch_norm, conv, kaiming_normal_fan_in, max_pool, num_classes_of, zeros
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import batch_norm, conv, kaiming_normal_fan_in, max_pool, num_classes_of, zeros
 
 PADDINGS = ("valid", "same")
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import jax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from plugins.models._layers import (
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import (
     adaptive_avg_pool,
     batch_norm,
     conv,
@@ -19,7 +19,7 @@ from plugins.models._layers import (
     max_pool,
     num_classes_of,
 )
-from plugins.models._torch_import import TorchRules, nchw_flatten_linear
+from prism.plugins.models._torch_import import TorchRules, nchw_flatten_linear
 
 #: depth -> conv widths, "M" = 2x2 max-pool (torchvision configurations "A" and "D").
 LAYOUTS = {

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.conv import conv_general_dilated
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from plugins.models._layers import num_classes_of, torch_default, zeros
-from plugins.models._torch_import import TorchRules
+from prism.framework.api import DataInfo
+from prism.framework.conv import conv_general_dilated
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import num_classes_of, torch_default, zeros
+from prism.plugins.models._torch_import import TorchRules
 
 LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 _trunc_normal = nnx.initializers.truncated_normal(0.02)  # timm's Linear / pos-embed init (std 0.02)

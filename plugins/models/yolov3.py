@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import MODELS
-from plugins.models._layers import batch_norm, conv, num_classes_of, torch_default
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import MODELS
+from prism.plugins.models._layers import batch_norm, conv, num_classes_of, torch_default
 
 #: COCO anchors (width, height in pixels) of yolov3.cfg, three per scale, for strides 8, 16, 32.
 COCO_ANCHORS = [10, 13, 16, 30, 33, 23, 30, 61, 62, 45, 59, 119, 116, 90, 156, 198, 373, 326]

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from framework.api import Batch, DataInfo, Objective
-from framework.errors import ConfigError
-from framework.layers import BatchNorm
+from prism.framework.api import Batch, DataInfo, Objective
+from prism.framework.errors import ConfigError
+from prism.framework.layers import BatchNorm
 
 PROBE_PREFIX = "online_probe/"
 

@@ -20,10 +20,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import OBJECTIVES
-from plugins.objectives._ssl_common import MLP, EMAStep, MomentumCopy, SSLConfig, SSLObjective, cosine_tau, l2_normalize
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import OBJECTIVES
+from prism.plugins.objectives._ssl_common import (
+    MLP,
+    EMAStep,
+    MomentumCopy,
+    SSLConfig,
+    SSLObjective,
+    cosine_tau,
+    l2_normalize,
+)
 
 
 @dataclass

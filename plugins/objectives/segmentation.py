@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from framework.api import Batch, DataInfo, Objective
-from framework.errors import ConfigError
-from framework.registry import OBJECTIVES
-from plugins.metrics.segmentation import center_crop_to, one_hot_labels
+from prism.framework.api import Batch, DataInfo, Objective
+from prism.framework.errors import ConfigError
+from prism.framework.registry import OBJECTIVES
+from prism.plugins.metrics.segmentation import center_crop_to, one_hot_labels
 
 LOSSES = ("ce", "dice", "ce_dice")
 

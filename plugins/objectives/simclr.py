@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.registry import OBJECTIVES
-from plugins.objectives._ssl_common import MLP, SSLConfig, SSLObjective, check_positive, l2_normalize
+from prism.framework.api import DataInfo
+from prism.framework.registry import OBJECTIVES
+from prism.plugins.objectives._ssl_common import MLP, SSLConfig, SSLObjective, check_positive, l2_normalize
 
 
 @dataclass

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from framework.api import Batch, DataInfo, Objective
-from framework.registry import OBJECTIVES
+from prism.framework.api import Batch, DataInfo, Objective
+from prism.framework.registry import OBJECTIVES
 
 
 @dataclass

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.registry import OBJECTIVES
-from plugins.objectives._ssl_common import MLP, SSLConfig, SSLObjective
+from prism.framework.api import DataInfo
+from prism.framework.registry import OBJECTIVES
+from prism.plugins.objectives._ssl_common import MLP, SSLConfig, SSLObjective
 
 
 @dataclass

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from framework.api import Batch, DataInfo, Objective
-from framework.errors import ConfigError
-from framework.registry import OBJECTIVES
-from plugins.metrics.detection import box_iou, generalized_iou
-from plugins.models.yolov3 import decode_scale
+from prism.framework.api import Batch, DataInfo, Objective
+from prism.framework.errors import ConfigError
+from prism.framework.registry import OBJECTIVES
+from prism.plugins.metrics.detection import box_iou, generalized_iou
+from prism.plugins.models.yolov3 import decode_scale
 
 BATCH_KEYS = ("image", "boxes", "box_valid", "labels")
 

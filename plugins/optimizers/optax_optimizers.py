@@ -1,6 +1,6 @@
 """Built-in optimizers: thin, validated wrappers around optax's SGD, AdamW, LARS and LAMB.
 
-Each builder follows the optimizer contract of :mod:`framework.api`::
+Each builder follows the optimizer contract of :mod:`prism.framework.api`::
 
     build(cfg, *, learning_rate, weight_decay_mask) -> optax.GradientTransformation
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import optax
 
-from framework.errors import ConfigError
-from framework.registry import OPTIMIZERS
+from prism.framework.errors import ConfigError
+from prism.framework.registry import OPTIMIZERS
 
 #: What the trainer passes as ``weight_decay_mask``: ``None``, a pytree of bools, or a callable.
 Mask = Any

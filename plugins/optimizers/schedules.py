@@ -1,6 +1,6 @@
 """Built-in learning-rate schedules, built from optax's schedule functions.
 
-Each builder follows the schedule contract of :mod:`framework.api`::
+Each builder follows the schedule contract of :mod:`prism.framework.api`::
 
     build(cfg, *, base_lr, total_steps) -> optax.Schedule
 
@@ -16,8 +16,8 @@ import math
 
 import optax
 
-from framework.errors import ConfigError
-from framework.registry import SCHEDULES
+from prism.framework.errors import ConfigError
+from prism.framework.registry import SCHEDULES
 
 
 def _check(ok: bool, field: str, message: str) -> None:

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from framework.api import Batch, Task
-from framework.errors import ConfigError
+from prism.framework.api import Batch, Task
+from prism.framework.errors import ConfigError
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:

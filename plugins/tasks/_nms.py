@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from plugins.metrics.detection import box_iou
+from prism.plugins.metrics.detection import box_iou
 
 
 class NMSOutput(NamedTuple):

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from framework.api import Batch, DataInfo, Task
-from framework.registry import METRICS, TASKS
+from prism.framework.api import Batch, DataInfo, Task
+from prism.framework.registry import METRICS, TASKS
 
 
 @dataclass

@@ -4,7 +4,7 @@ The model contract: ``model.detect(images) -> (boxes, scores)``, every candidate
 normalized ``[ymin, xmin, ymax, xmax]`` and its per-class scores (B, N, C) (the ``yolov3`` model has it).
 Evaluation runs batched NMS under jit (fixed ``max_detections`` per image, padded with a valid mask) and
 passes detections and ground truth to :meth:`Detection.summarize`, which computes COCO's mAP@[.5:.95],
-mAP@.5 and mAP@.75 over the whole split on the host (:func:`plugins.metrics.detection.coco_map`).
+mAP@.5 and mAP@.75 over the whole split on the host (:func:`prism.plugins.metrics.detection.coco_map`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from framework.api import Batch, DataInfo, Task
-from framework.errors import ConfigError
-from framework.registry import METRICS, TASKS
-from plugins.metrics.detection import Detections
-from plugins.tasks._nms import batched_nms
+from prism.framework.api import Batch, DataInfo, Task
+from prism.framework.errors import ConfigError
+from prism.framework.registry import METRICS, TASKS
+from prism.plugins.metrics.detection import Detections
+from prism.plugins.tasks._nms import batched_nms
 
 GT_COLOUR = (0, 220, 0)
 PRED_COLOUR = (255, 40, 40)

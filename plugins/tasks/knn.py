@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import TASKS
-from plugins.tasks._frozen import FrozenFeatureTask, l2_normalize
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import TASKS
+from prism.plugins.tasks._frozen import FrozenFeatureTask, l2_normalize
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from framework.api import DataInfo
-from framework.errors import ConfigError
-from framework.registry import TASKS
-from plugins.tasks._frozen import FrozenFeatureTask
+from prism.framework.api import DataInfo
+from prism.framework.errors import ConfigError
+from prism.framework.registry import TASKS
+from prism.plugins.tasks._frozen import FrozenFeatureTask
 
 OPTIMIZERS = ("sgd", "adamw")
 

@@ -2,7 +2,7 @@
 
 The model returns per-pixel logits (B, h, w, num_classes); a smaller output than the mask (valid-padding
 U-Net) is compared with the mask's centre. Evaluation reports, exactly over the split (per-example
-confusion counts summed, ratios taken once; see :mod:`plugins.metrics.segmentation`):
+confusion counts summed, ratios taken once; see :mod:`prism.plugins.metrics.segmentation`):
 ``pixel_accuracy``, ``pixel_error``, ``iou/<class>``, ``dice/<class>``, ``miou``, ``mdice``, and ``loss``
 (per-pixel cross-entropy averaged over all counted pixels). Labels outside ``[0, num_classes)`` are
 ignored. :meth:`Segmentation.render` draws predictions beside the ground truth as PNGs.
@@ -21,9 +21,9 @@ import optax
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from framework.api import Batch, DataInfo, Task
-from framework.registry import METRICS, TASKS
-from plugins.metrics.segmentation import center_crop_to, summarize_confusion
+from prism.framework.api import Batch, DataInfo, Task
+from prism.framework.registry import METRICS, TASKS
+from prism.plugins.metrics.segmentation import center_crop_to, summarize_confusion
 
 
 @dataclass

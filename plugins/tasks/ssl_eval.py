@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from framework.api import Batch, DataInfo, Task
-from framework.errors import ConfigError
-from framework.registry import TASKS
+from prism.framework.api import Batch, DataInfo, Task
+from prism.framework.errors import ConfigError
+from prism.framework.registry import TASKS
 
 
 class SelfSupervised(Task):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from framework.augment import Example
+from prism.framework.augment import Example
 
 
 def with_probability(p: float, fn: Callable[[Example, jax.Array], Example]) -> Callable[[Example, jax.Array], Example]:

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
-from framework.augment import Example
-from framework.errors import ConfigError
-from framework.registry import TRANSFORMS
-from plugins.transforms._common import with_probability
+from prism.framework.augment import Example
+from prism.framework.errors import ConfigError
+from prism.framework.registry import TRANSFORMS
+from prism.plugins.transforms._common import with_probability
 
 MODES = ("reflect", "mirror", "nearest", "wrap", "constant")
 

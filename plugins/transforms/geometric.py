@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
-from framework.augment import Example
-from framework.errors import ConfigError
-from framework.registry import TRANSFORMS
-from plugins.transforms._common import pair, size_hw, with_probability
+from prism.framework.augment import Example
+from prism.framework.errors import ConfigError
+from prism.framework.registry import TRANSFORMS
+from prism.plugins.transforms._common import pair, size_hw, with_probability
 
 
 # -- boxes -------------------------------------------------------------------------------------------

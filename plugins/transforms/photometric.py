@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
-from framework.registry import TRANSFORMS
-from plugins.transforms._common import with_probability
+from prism.framework.registry import TRANSFORMS
+from prism.plugins.transforms._common import with_probability
 
 LUMA = (0.299, 0.587, 0.114)  # not a jnp constant: that would start XLA before jax.distributed
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import jax
 from flax import nnx
 
-from framework.api import DataInfo
-from framework.registry import MODELS
+from prism.framework.api import DataInfo
+from prism.framework.registry import MODELS
 
 
 @dataclass

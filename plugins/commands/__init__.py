@@ -1,0 +1,1 @@
+"""Built-in `prism` commands beyond the core ones, each registered in COMMANDS."""
