@@ -91,3 +91,19 @@ def test_unpacked_wheel_composes_the_default_job(unpacked, tmp_path):
     assert cfg.checkpoint.best_metric == "eval/accuracy"
     assert cfg.model.name == "simple_cnn"
     assert list(cfg.model.widths) == [4]  # the preset that exists only in the wheel
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """pyproject lists the installed packages by name (package-dir maps prism.X onto X/): a new sub-package
+    folder that is not listed would be missing from wheels."""
+    import tomllib
+
+    setuptools_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {installed: REPO / folder for installed, folder in setuptools_cfg["package-dir"].items()}
+    on_disk = {
+        ".".join((installed, *init.parent.relative_to(root).parts))
+        for installed, root in folders.items()
+        for init in root.rglob("__init__.py")
+        if "build" not in init.relative_to(root).parts
+    }
+    assert on_disk == set(setuptools_cfg["packages"])

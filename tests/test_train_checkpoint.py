@@ -47,7 +47,8 @@ def _steps(checkpoint_dir: Path) -> list[int]:
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "prism.framework", "train", *args], cwd=REPO, env={**os.environ, **env},
+    return subprocess.Popen([sys.executable, "-m", "prism.framework", "train", *args], cwd=REPO,
+                            env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

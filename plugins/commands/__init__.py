@@ -1,1 +1,0 @@
-"""Built-in `prism` commands beyond the core ones, each registered in COMMANDS."""
