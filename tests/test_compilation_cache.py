@@ -68,7 +68,8 @@ def test_a_second_identical_run_loads_its_programs_from_the_cache(tmp_path):
     counts = []
     for run in ("first", "second"):
         proc = subprocess.run([sys.executable, "-m", "prism.framework", "train", *FAST,
-                               f"hydra.run.dir={tmp_path / run}"], cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+                               f"hydra.run.dir={tmp_path / run}"], cwd=tmp_path, env=env, text=True,
+                              capture_output=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         match = SUMMARY.search(proc.stdout + proc.stderr)
         assert match, (proc.stdout + proc.stderr)[-2000:]
