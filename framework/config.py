@@ -46,6 +46,15 @@ class TrainConfig:
         evaluation then uses the EMA parameters.
     weight_decay_skip_1d: exclude biases and normalization parameters (ndim <= 1) from weight decay.
     max_eval_batches: cap on evaluation batches (0: the whole split).
+    steps_per_call: training steps per device dispatch (0: auto, the largest count that divides every
+        log, evaluation, checkpoint and stop boundary, at most 64). Metrics stay on the device between
+        logs; the numbers do not depend on it.
+    time_to: evaluation values of ``checkpoint.best_metric`` to time: ``result.json``'s ``time_to``
+        gives the seconds (from process start and from the first step) at which each was first reached.
+    stop_at: end the run at the first evaluation whose ``checkpoint.best_metric`` reaches this value
+        (0 disables; 'reaches' follows ``checkpoint.best_mode``).
+    max_bad_steps: stop after this many steps whose loss, gradients or new parameters were not finite
+        (such steps are never applied).
     """
 
     steps: int = 0
@@ -59,6 +68,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     weight_decay_skip_1d: bool = True
     max_eval_batches: int = 0
+    steps_per_call: int = 0
+    time_to: list[float] = field(default_factory=list)
+    stop_at: float = 0.0
+    max_bad_steps: int = 1
 
 
 @dataclass
@@ -69,12 +82,19 @@ class LoaderConfig:
     threads: grain read threads per process.
     prefetch: batches prefetched by the host pipeline.
     shuffle: shuffle the training split (a new permutation every epoch, seeded).
+    placement: where the examples live while training: 'host' (read, batched and sent to the devices
+        every step), 'device' (each split decoded once and kept in device memory; batches are gathered
+        on the device), 'auto' (device when the decoded splits fit in ``device_memory_fraction`` of
+        the memory of one device and every split's examples have fixed shapes; else host).
+    device_memory_fraction: the share of one device's memory that 'auto' lets the resident data use.
     """
 
     workers: int = 0
     threads: int = 2
     prefetch: int = 2
     shuffle: bool = True
+    placement: str = "auto"
+    device_memory_fraction: float = 0.25
 
 
 @dataclass
@@ -142,7 +162,15 @@ class LoggingConfig:
 
 @dataclass
 class PrismConfig:
-    """The root configuration of ``prism train``; plugin groups are chosen in ``conf/config.yaml``."""
+    """The root configuration of ``prism train``; plugin groups are chosen in ``conf/config.yaml``.
+
+    evals: named evaluators run during training, big_vision style:
+        ``evals: {NAME: {task: TASK_NAME, split: SPLIT, every: N, task_overrides: {...}}}``; ``task`` defaults
+        to the run's task (its config), ``split`` to ``dataset.eval_split``, ``every`` (in steps) to
+        ``train.eval_every``. Metrics are logged as ``eval/<metric>`` for an evaluator named ``main`` and
+        ``<NAME>/<metric>`` otherwise. Set it whole (``evals={knn: {task: knn, every: 200}}``); None (the
+        default): one evaluator ``main``, the run's task on the evaluation split.
+    """
 
     model: Any = MISSING
     dataset: Any = MISSING
@@ -156,6 +184,7 @@ class PrismConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evals: Any = None
     seed: int = 0
     precision: str = "fp32"
 
