@@ -19,16 +19,19 @@ no head or one for another number of classes, the head keeps its initialisation 
 
 from __future__ import annotations
 
-import re
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prism.framework.checkpoint import Checkpointer, CorruptCheckpointError
+from prism.framework.config import CheckpointConfig
 from prism.framework.errors import PrismError
 from prism.framework.registry import MODELS
 
@@ -241,7 +244,8 @@ def load_torch_weights(model: nnx.Module, name: str, path: str | Path) -> Import
 
 
 # -- prism checkpoints --------------------------------------------------------------------------------------
-_TOKEN = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
+#: Where a prism train state keeps the model: ``(TrainState field, System attribute)`` prefixes of its key paths.
+_EMA, _PARAMS, _REST = ("ema_params", "model"), ("params", "model"), ("rest", "model")
 
 
 def _checkpoint_step_dir(path: Path) -> tuple[Path, int | None]:
@@ -253,18 +257,35 @@ def _checkpoint_step_dir(path: Path) -> tuple[Path, int | None]:
     return path, None
 
 
-def read_checkpoint_model(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _legacy_names(model: nnx.Module, params: tuple[str, str]) -> dict[str, str]:
+    """``{format-1 checkpoint key: model path}`` for ``model``'s variables: the keys that checkpoints written
+    before the format marker used (``jax.tree_util.keystr`` of the state path, built here, never parsed)."""
+    names = {}
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable) and not isinstance(var, nnx.RngState):
+            field, attr = params if isinstance(var, nnx.Param) else _REST
+            state_path = (jax.tree_util.GetAttrKey(field), *(jax.tree_util.DictKey(k) for k in (attr, *path)),
+                          jax.tree_util.GetAttrKey("value"))
+            names[jax.tree_util.keystr(state_path)] = _path_str(path)
+    return names
+
+
+def _legacy_prefix(field: tuple[str, str]) -> str:
+    return jax.tree_util.keystr((jax.tree_util.GetAttrKey(field[0]), jax.tree_util.DictKey(field[1])))
+
+
+def read_checkpoint_model(path: str | Path, model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``({model variable path: array}, meta)`` of the latest (or the given) checkpoint of a prism run.
 
     Parameters come from the run's EMA when it kept one (what its evaluation used), else its parameters;
-    BatchNorm statistics and other non-RNG variables from the rest of the state.
+    BatchNorm statistics and other non-RNG variables from the rest of the state. Only those arrays are read
+    (an orbax partial restore of the subtrees that orbax's tree metadata lists), after the step's checksums
+    are verified. ``model`` names the variables of checkpoints in the flat format 1.
     """
-    import orbax.checkpoint as ocp
-
     root, step = _checkpoint_step_dir(Path(path))
     try:
-        manager = ocp.CheckpointManager(root.absolute(), options=ocp.CheckpointManagerOptions(create=False))
-        step = manager.latest_step() if step is None else step
+        checkpointer = Checkpointer(root, CheckpointConfig(), read_only=True)
+        step = checkpointer.latest_step() if step is None else step
     except Exception as exc:
         raise WeightsError(f"cannot open {path} as a prism run or checkpoint directory: {exc}") from exc
     try:
@@ -272,40 +293,44 @@ def read_checkpoint_model(path: str | Path) -> tuple[dict[str, np.ndarray], dict
             raise WeightsError(f"{path} holds no checkpoint (expected a prism run directory, its checkpoints/ "
                                f"directory or a checkpoints/STEP directory)")
         try:
-            meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-            signature = meta["signature"]
+            note = checkpointer.verify(step)
+        except CorruptCheckpointError as exc:
+            raise WeightsError(f"cannot load pretrained weights: {exc}") from None
+        if note:
+            logging.getLogger("prism.pretrained").info(note)
+        try:
+            meta = checkpointer.read_meta(step)
+            version = checkpointer.format_version(step)
+            tree = checkpointer.tree_shapes(step)
         except Exception as exc:
             raise WeightsError(f"the checkpoint at step {step} in {root} is not a prism checkpoint (no readable "
-                               f"meta/signature): {exc}") from exc
-        has_ema = any(k.startswith(".ema_params['model']") for k in signature)
-        wanted = {}  # checkpoint key -> model path
-        for key in signature:
-            for prefix in (".ema_params['model']" if has_ema else ".params['model']", ".rest['model']"):
-                if key.startswith(prefix):
-                    tokens = [a or b for a, b in _TOKEN.findall(key[len(prefix):].removesuffix(".value"))]
-                    wanted[key] = ".".join(tokens)
-        target = {k: np.zeros(signature[k][0], signature[k][1]) for k in wanted}
+                               f"meta or tree metadata): {exc}") from exc
+        wanted: dict[tuple[str, ...], str] = {}  # checkpoint key path -> model path
+        if version >= 2:
+            params = _EMA if any(k[:2] == _EMA for k in tree) else _PARAMS
+            wanted = {k: ".".join(k[2:]) for k in tree if k[:2] in (params, _REST)}
+        else:
+            params = _EMA if any(k[0].startswith(_legacy_prefix(_EMA)) for k in tree) else _PARAMS
+            names = _legacy_names(model, params)
+            prefixes = (_legacy_prefix(params), _legacy_prefix(_REST))
+            for (key,) in tree:
+                if key in names:
+                    wanted[(key,)] = names[key]
+                elif key.startswith(prefixes) and "['rngs']" not in key:
+                    wanted[(key,)] = key  # not one of this model's variables: reported as unused by name
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(target, restore_args=_numpy_restore_args(target), partial_restore=True)))
+            arrays = checkpointer.read_arrays(step, list(wanted))
         except Exception as exc:
             raise WeightsError(f"could not read the model from the checkpoint at step {step} in {root}: {exc}"
                                ) from exc
     finally:
-        manager.close()
-    state = restored["state"]
-    return {wanted[k]: np.asarray(state[k]) for k in wanted}, {**meta, "step": step, "directory": str(root)}
-
-
-def _numpy_restore_args(target: dict[str, np.ndarray]) -> dict[str, Any]:
-    import orbax.checkpoint as ocp
-
-    return {k: ocp.RestoreArgs(restore_type=np.ndarray, dtype=v.dtype) for k, v in target.items()}
+        checkpointer.close()
+    return {wanted[k]: v for k, v in arrays.items()}, {**meta, "step": step, "directory": str(root)}
 
 
 def load_checkpoint_weights(model: nnx.Module, name: str, path: str | Path) -> ImportReport:
     """Fill ``model`` from the ``model`` subtree of a prism checkpoint (its own variable names)."""
-    tensors, meta = read_checkpoint_model(path)
+    tensors, meta = read_checkpoint_model(path, model)
     rules = [TensorRule(p, p, _shape(v)) for p, v in weight_variables(model).items()]
     tensors = {k: v for k, v in tensors.items() if "rngs" not in k.split(".")}  # RNG streams are not weights
     origin = f"checkpoint step {meta['step']} in {meta['directory']} (model {meta.get('model', '?')!r})"

@@ -67,7 +67,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, checkpoint_dir: Path, min_step:
     pytest.fail(f"no checkpoint >= {min_step} after {timeout}s")
 
 
-#: Restoring any checkpoint fails: ``unflatten_state`` calls ``jax.random.key_impl`` on the abstract
+#: Restoring any checkpoint fails: restoring calls ``jax.random.key_impl`` on the abstract
 #: ShapeDtypeStruct of the dropout RNG key (TypeError: unexpected PRNG key type ShapeDtypeStruct).
 def _flat(tree) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
