@@ -1,5 +1,8 @@
-"""The ``prism`` command: ``train`` (a Hydra app), ``eval``, ``predict``, ``list [KIND]``, ``bench``,
-``sweep-report DIR``.
+"""The ``prism`` command: ``prism COMMAND [ARGS]``, each command an entry of the ``COMMANDS`` registry.
+
+Built-in commands: ``train`` (a Hydra app), ``eval``, ``predict``, ``list [KIND]``, ``bench``, ``sweep-report DIR``,
+registered below with ``@COMMANDS.register``; packages add theirs through the entry point group
+``prism.commands`` (:mod:`prism.framework.commands`). ``prism --help`` lists them all.
 
 Errors the user can fix (:class:`prism.framework.errors.PrismError`) are printed as one message and exit
 with status 2; Hydra's own config errors (unknown key, wrong type) keep Hydra's message, which names
@@ -9,34 +12,36 @@ the key, and exit with status 1.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from prism.framework import __version__, compilation_cache
 from prism.framework.errors import ConfigError, PrismError, UnknownNameError
 from prism.framework.parallel import apply_default_xla_flags
+from prism.framework.registry import COMMANDS, Entry
 from prism.framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
 
-COMMANDS = {
-    "train": "train a model: prism train [key=value ...] [-m for a sweep] (a Hydra app; --help lists groups)",
-    "eval": "evaluate a saved run: prism eval checkpoint=RUN_DIR [eval.step=best|latest|init|N] [eval.out=DIR] "
-            "[task=NAME | eval.tasks=[NAME,NAME,...]] [dataset=...] [key=value ...]",
-    "predict": "predict on unlabelled images with a saved run: prism predict checkpoint=RUN_DIR "
-               "input=IMAGE_OR_FOLDER [out=DIR] [step=best|latest|N] [key=value ...]",
-    "list": "list registered plugins: prism list [KIND [PATTERN]] [--stats] (kinds: model, dataset, objective, ...;"
-            " models show parameters and GFLOPs, --stats computes them)",
-    "bench": "benchmark: prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]",
-    "sweep-report": "tabulate and plot a sweep: prism sweep-report MULTIRUN_DIR [--metric NAME] [--mode max|min] "
-                    "[--out DIR]",
-}
 
-USAGE = "usage: prism COMMAND [ARGS]\n\ncommands:\n" + "\n".join(
-    f"  {name:<12} {text}" for name, text in COMMANDS.items()
-)
+def command_usage(name: str) -> str:
+    """The usage line of command ``name`` (its ``usage`` metadata)."""
+    return COMMANDS.get(name).metadata.get("usage", f"prism {name} [ARGS]")
+
+
+def usage() -> str:
+    """``prism --help``: every registered command, with its description and usage line."""
+    lines = ["usage: prism COMMAND [ARGS]", "", "commands:"]
+    entries = COMMANDS.entries()
+    width = max((len(e.name) for e in entries), default=0) + 2
+    for entry in entries:
+        lines.append(f"  {entry.name:<{width}}{entry.description}")
+        lines.append(f"  {'':<{width}}  {entry.metadata.get('usage', f'prism {entry.name} [ARGS]')}")
+    return "\n".join(lines)
+
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"prism: error: {message}", file=sys.stderr)
@@ -69,14 +74,16 @@ def check_repeated_sweep_keys(overrides: Sequence[str]) -> None:
 
 
 def check_group_choices(overrides: Sequence[str]) -> None:
-    """Reject ``group=NAME`` overrides naming no registered plugin or preset, with close matches, and a
-    sweep key given twice (:func:`check_repeated_sweep_keys`).
+    """Reject ``group=NAME`` overrides naming no registered plugin or preset, with close matches, a sweep key
+    given twice (:func:`check_repeated_sweep_keys`), and ``+key=value`` adding a key no schema has
+    (:func:`prism.framework.validate.check_added_keys`: ``+train.epoch=3``).
 
     Hydra would also refuse unknown names, but without suggestions; sweep lists (``model=a,b``) are checked
     name by name.
     """
     from prism.framework.config import SELECTED_KINDS, group_options
     from prism.framework.plugins import plugin_failures
+    from prism.framework.validate import check_added_keys
 
     check_repeated_sweep_keys(overrides)
     for arg in overrides:
@@ -97,6 +104,36 @@ def check_group_choices(overrides: Sequence[str]) -> None:
                     + "".join(f" Plugin module {m} failed to import (its names are missing): {e}."
                               for m, e in plugin_failures().items())
                 )
+    check_added_keys(overrides)
+
+
+def _validated(task: Callable) -> Callable:
+    """Wrap a Hydra task function: :func:`prism.framework.validate.validate_config` on the composed config
+    before the task runs. A bad value fails the job the way the task's own errors do: ``result.json`` says
+    failed, a single run exits with one ``prism: error:`` line, a sweep's other jobs go on."""
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from prism.framework.validate import validate_config
+
+        try:
+            validate_config(cfg)
+        except ConfigError as exc:
+            from prism.framework.train import write_failure
+
+            hydra_cfg = HydraConfig.get()
+            run_dir = Path(hydra_cfg.runtime.output_dir)
+            write_failure(run_dir, exc)
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                log.error("job %s failed: %s: %s", run_dir, type(exc).__name__, exc)
+                return None
+            raise SystemExit(_fail(str(exc))) from None
+        return task(cfg)
+
+    return wrapper
 
 
 def _train_app():
@@ -107,6 +144,7 @@ def _train_app():
     from prism.framework.config import CONF_DIR
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+    @_validated
     def train(cfg) -> float | None:
         """Train one run; returns the final ``checkpoint.best_metric`` (what Hydra's sweepers optimize)."""
         from prism.framework.sweep import claim_devices
@@ -138,6 +176,8 @@ def _train_app():
     return train
 
 
+@COMMANDS.register("train", description="Train a model (a Hydra app: `prism train --help` lists the config groups).",
+                   usage="prism train [key=value ...] [+experiment=NAME] [-m for a sweep]")
 def cmd_train(args: list[str]) -> int:
     from prism.framework.config import register_configs
     from prism.framework.plugins import load_plugins
@@ -170,6 +210,9 @@ def cmd_train(args: list[str]) -> int:
 EVAL_OPTIONS = ("checkpoint", "eval.step", "eval.out", "eval.tasks")
 
 
+@COMMANDS.register("eval", description="Evaluate a saved run (its task, or other tasks), offline.",
+                   usage="prism eval checkpoint=RUN_DIR [eval.step=best|latest|init|N] [eval.out=DIR] "
+                         "[task=NAME | eval.tasks=[NAME,NAME,...]] [dataset=...] [key=value ...]")
 def cmd_eval(args: list[str]) -> int:
     """``prism eval``: the run's metrics (or other tasks', several in one process) from one of its checkpoints,
     offline; one JSON line per task."""
@@ -182,7 +225,7 @@ def cmd_eval(args: list[str]) -> int:
     overrides = [a for a in args if a.split("=", 1)[0] not in EVAL_OPTIONS]
     if "checkpoint" not in options:
         return _fail("prism eval needs checkpoint=RUN_DIR (the directory of a prism train run)\n"
-                     + COMMANDS["eval"])
+                     + command_usage("eval"))
     load_plugins()
     check_group_choices(overrides)
     step, out_dir = options.get("eval.step", "best"), options.get("eval.out")
@@ -199,6 +242,9 @@ def cmd_eval(args: list[str]) -> int:
 PREDICT_OPTIONS = ("checkpoint", "input", "out", "step")
 
 
+@COMMANDS.register("predict", description="Predict on unlabelled images with a saved run.",
+                   usage="prism predict checkpoint=RUN_DIR input=IMAGE_OR_FOLDER [out=DIR] [step=best|latest|N] "
+                         "[key=value ...]")
 def cmd_predict(args: list[str]) -> int:
     """``prism predict``: a saved run's predictions on image files, drawn and written as JSON."""
     import json
@@ -210,7 +256,7 @@ def cmd_predict(args: list[str]) -> int:
     overrides = [a for a in args if a.split("=", 1)[0] not in PREDICT_OPTIONS]
     missing = [k for k in ("checkpoint", "input") if k not in options]
     if missing:
-        return _fail(f"prism predict needs {' and '.join(f'{k}=...' for k in missing)}\n{COMMANDS['predict']}")
+        return _fail(f"prism predict needs {' and '.join(f'{k}=...' for k in missing)}\n{command_usage('predict')}")
     load_plugins()
     check_group_choices(overrides)
     result = predict_run(options["checkpoint"], options["input"], overrides, step=options.get("step", "best"),
@@ -240,6 +286,9 @@ def _model_stats_column(names: list[str], compute: bool) -> tuple[dict[str, str]
     return column, missing
 
 
+@COMMANDS.register("list", description="List registered plugins and commands (models with parameters and "
+                                         "GFLOPs; --stats computes them).",
+                   usage="prism list [KIND [PATTERN]] [--stats]   (kinds: model, dataset, objective, ..., command)")
 def cmd_list(args: list[str]) -> int:
     """``prism list [KIND] [PATTERN] [--stats]``; models show parameters and GFLOPs (cached; ``--stats``
     computes missing ones, seconds per model on a CPU)."""
@@ -252,7 +301,7 @@ def cmd_list(args: list[str]) -> int:
     positional = [a for a in args if a != "--stats"]
     unknown = [a for a in positional if a.startswith("-")]
     if unknown or len(positional) > 2:
-        return _fail(f"unexpected argument {(unknown or positional[2:])[0]!r}; usage: {COMMANDS['list']}")
+        return _fail(f"unexpected argument {(unknown or positional[2:])[0]!r}; usage: {command_usage('list')}")
     with warnings.catch_warnings():  # failures are reported once, below
         warnings.simplefilter("ignore", PluginImportWarning)
         load_plugins()
@@ -281,9 +330,12 @@ def cmd_list(args: list[str]) -> int:
                   f"model on a CPU, and caches them in {cache_dir() / STATS_FILE})")
     for module, error in plugin_failures().items():
         print(f"warning: plugin {module} failed to import: {error}", file=sys.stderr)
+    _print_command_failures()
     return 0
 
 
+@COMMANDS.register("bench", description="Benchmark the input pipeline or training steps.",
+                   usage="prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]")
 def cmd_bench(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -299,37 +351,68 @@ def cmd_bench(args: list[str]) -> int:
         return _fail(str(exc), code=1)
 
 
+@COMMANDS.register("sweep-report", description="Tabulate and plot a sweep (a multirun directory).",
+                   usage="prism sweep-report MULTIRUN_DIR [--metric NAME] [--mode max|min] [--out DIR]")
 def cmd_sweep_report(args: list[str]) -> int:
     from prism.framework.sweep_report import main as report_main
 
     return report_main(args)
 
 
+def find_command(name: str) -> Entry | None:
+    """The command ``name``: a built-in or ``prism.commands`` entry point, else one a ``prism.plugins`` module
+    registers (plugins are loaded only then); None when nobody registered it."""
+    if name in COMMANDS:
+        return COMMANDS.get(name)
+    from prism.framework.plugins import load_plugins
+
+    load_plugins()
+    return COMMANDS.get(name) if name in COMMANDS else None
+
+
+def _print_command_failures() -> None:
+    from prism.framework.commands import command_failures
+
+    for label, error in command_failures().items():
+        print(f"warning: prism command {label} failed to load: {error}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    from prism.framework.commands import CommandImportWarning
+
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
-    if args[0] == "--version":
-        print(f"prism {__version__}")
-        return 0
-    command, rest = args[0], args[1:]
-    apply_default_xla_flags()  # before anything starts a JAX backend
-    try:
-        compilation_cache.enable()  # before anything compiles
-    except PrismError as exc:
-        return _fail(str(exc))
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "list": cmd_list, "bench": cmd_bench,
-                "sweep-report": cmd_sweep_report}
-    if command not in handlers:
-        close = difflib.get_close_matches(command, list(handlers), n=1)
+    with warnings.catch_warnings():  # failures are reported once, below
+        warnings.simplefilter("ignore", CommandImportWarning)
+        if not args or args[0] in ("-h", "--help", "help"):
+            print(usage())
+            _print_command_failures()
+            return 0
+        if args[0] == "--version":
+            print(f"prism {__version__}")
+            return 0
+        command, rest = args[0], args[1:]
+        apply_default_xla_flags()  # before anything starts a JAX backend
+        try:
+            compilation_cache.enable()  # before anything compiles
+        except PrismError as exc:
+            return _fail(str(exc))
+        entry = find_command(command)
+    if entry is None:
+        from prism.framework.commands import command_failures
+
+        close = difflib.get_close_matches(command, COMMANDS.names(), n=1)
         hint = f" Did you mean: {close[0]}?" if close else ""
-        return _fail(f"unknown command {command!r}.{hint}\n{USAGE}")
+        failed = "".join(f"\nprism command {label} failed to load: {error}"
+                         for label, error in command_failures().items())
+        return _fail(f"unknown command {command!r}.{hint}{failed}\n{usage()}")
     try:
-        return handlers[command](rest)
+        code = entry.builder(rest)
     except PrismError as exc:
         return _fail(str(exc))
+    return 0 if code is None else code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the commands above registered under __main__, not prism.framework.cli
+    sys.exit(_fail("run `python -m prism.framework` (or `prism`)"))

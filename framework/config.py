@@ -6,6 +6,10 @@ dataclass, :func:`register_plugin_configs` stores a node ``<kind>/<name>`` (the 
 ``name`` field), so ``model=NAME`` selects any registered model, third-party ones included, and the
 dataclass gives Hydra the keys and types to validate overrides against. ``conf/<kind>/*.yaml`` add
 presets to the same groups.
+
+What each value may be (``train.batch_size >= 1``, ``checkpoint.best_mode`` one of max, min, ...) is declared
+in the fields' metadata, next to them; :func:`prism.framework.validate.validate_config` checks a composed
+config against it (plugin dataclasses declare theirs the same way).
 """
 
 from __future__ import annotations
@@ -57,21 +61,21 @@ class TrainConfig:
         (such steps are never applied).
     """
 
-    steps: int = 0
-    epochs: float = 1.0
-    batch_size: int = 64
-    eval_batch_size: int = 0
-    eval_every: int = 0
-    log_every: int = 10
-    grad_clip_norm: float = 0.0
-    grad_accum_steps: int = 1
-    ema_decay: float = 0.0
+    steps: int = field(default=0, metadata={"ge": 0})
+    epochs: float = field(default=1.0, metadata={"gt": 0, "when": ("steps", 0)})
+    batch_size: int = field(default=64, metadata={"ge": 1})
+    eval_batch_size: int = field(default=0, metadata={"ge": 0})
+    eval_every: int = field(default=0, metadata={"ge": 0})
+    log_every: int = field(default=10, metadata={"ge": 1})
+    grad_clip_norm: float = field(default=0.0, metadata={"ge": 0})
+    grad_accum_steps: int = field(default=1, metadata={"ge": 1})
+    ema_decay: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     weight_decay_skip_1d: bool = True
-    max_eval_batches: int = 0
-    steps_per_call: int = 0
-    time_to: list[float] = field(default_factory=list)
-    stop_at: float = 0.0
-    max_bad_steps: int = 1
+    max_eval_batches: int = field(default=0, metadata={"ge": 0})
+    steps_per_call: int = field(default=0, metadata={"ge": 0})
+    time_to: list[float] = field(default_factory=list, metadata={"finite": True})
+    stop_at: float = field(default=0.0, metadata={"finite": True})
+    max_bad_steps: int = field(default=1, metadata={"ge": 1})
 
 
 @dataclass
@@ -89,12 +93,12 @@ class LoaderConfig:
     device_memory_fraction: the share of one device's memory that 'auto' lets the resident data use.
     """
 
-    workers: int = 0
-    threads: int = 2
-    prefetch: int = 2
+    workers: int = field(default=0, metadata={"ge": 0})
+    threads: int = field(default=2, metadata={"ge": 0})
+    prefetch: int = field(default=2, metadata={"ge": 0})
     shuffle: bool = True
-    placement: str = "auto"
-    device_memory_fraction: float = 0.25
+    placement: str = field(default="auto", metadata={"choices": ("auto", "device", "host")})
+    device_memory_fraction: float = field(default=0.25, metadata={"gt": 0, "le": 1})
 
 
 @dataclass
@@ -111,10 +115,10 @@ class CheckpointConfig:
     """
 
     enabled: bool = True
-    every: int = 0
-    keep: int = 2
+    every: int = field(default=0, metadata={"ge": 0})
+    keep: int = field(default=2, metadata={"ge": 1})
     best_metric: str = ""
-    best_mode: str = "max"
+    best_mode: str = field(default="max", metadata={"choices": ("max", "min")})
     async_save: bool = True
     resume: bool = True
 
@@ -137,10 +141,10 @@ class ParallelConfig:
         GPUs). Applies to layers built from :class:`prism.framework.layers.BatchNorm` (all built-in models).
     """
 
-    fsdp: int = 1
-    distributed: str = "auto"
-    devices_per_job: int = 0
-    batch_stats: str = "global"
+    fsdp: int = field(default=1, metadata={"ge": 1})
+    distributed: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
+    devices_per_job: int = field(default=0, metadata={"ge": 0})
+    batch_stats: str = field(default="global", metadata={"choices": ("global", "per_device")})
 
 
 @dataclass
@@ -157,7 +161,7 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = True
     plots: bool = True
-    render: int = 8
+    render: int = field(default=8, metadata={"ge": 0})
 
 
 @dataclass
@@ -185,13 +189,19 @@ class PrismConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evals: Any = None
-    seed: int = 0
-    precision: str = "fp32"
+    seed: int = field(default=0, metadata={"ge": 0})
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
 
 
-#: Keys every plugin of a kind gets besides its own config fields: ``name``, and for models ``pretrained``
-#: (weights to load after initialisation, see :mod:`prism.framework.pretrained`; '' for none).
-COMMON_FIELDS: dict[str, list[tuple[str, type, Any]]] = {"model": [("pretrained", str, "")]}
+#: Keys every plugin of a kind gets besides its own config fields: ``name``; for models ``pretrained``
+#: (weights to load after initialisation, see :mod:`prism.framework.pretrained`; '' for none); for datasets
+#: ``train_split`` and ``eval_split`` (the splits a run trains and evaluates on, TFDS split specs, slicing
+#: allowed: ``train[:90%]``), so ``cfg.dataset.train_split`` is always there. A plugin whose dataclass
+#: declares one of these fields keeps its own (its default, type and metadata).
+COMMON_FIELDS: dict[str, list[tuple[str, type, Any]]] = {
+    "model": [("pretrained", str, "")],
+    "dataset": [("train_split", str, "train"), ("eval_split", str, "test")],
+}
 
 
 def config_node(entry: Entry) -> type:
@@ -229,18 +239,28 @@ def group_options(kind: str) -> list[str]:
     return sorted(names)
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config"):
+def compose(overrides: list[str] | None = None, config_name: str = "config", *, validate: bool = True):
     """The composed run config for ``overrides``, as ``prism train`` would build it (without running).
 
     For notebooks and tests: ``Trainer(compose(["train.steps=10"]), run_dir).fit()``. Hydra's
-    ``hydra.*`` keys and run directory are not resolved here.
+    ``hydra.*`` keys and run directory are not resolved here. ``validate`` (default): refuse ``+key=...``
+    overrides adding keys no schema has, and check the result with
+    :func:`prism.framework.validate.validate_config` (a :class:`~prism.framework.errors.ConfigError` naming
+    the key, the value and the allowed range).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from prism.framework.plugins import load_plugins
+    from prism.framework.validate import check_added_keys, validate_config
 
     load_plugins()
     register_configs()
+    overrides = list(overrides or [])
+    if validate:
+        check_added_keys(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    if validate:
+        validate_config(cfg)
+    return cfg

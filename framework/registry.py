@@ -48,13 +48,39 @@ def _first_doc_line(obj: Any) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-class Registry:
-    """Maps names to :class:`Entry` objects for one kind of plugin."""
+def _load_plugins() -> None:
+    from prism.framework.plugins import load_plugins
 
-    def __init__(self, kind: str, plural: str | None = None) -> None:
+    load_plugins()
+
+
+def _plugin_failures() -> dict[str, str]:
+    from prism.framework.plugins import plugin_failures
+
+    return plugin_failures()
+
+
+class Registry:
+    """Maps names to :class:`Entry` objects for one kind of plugin.
+
+    ``loader`` fills the registry before every lookup (default: :func:`prism.framework.plugins.load_plugins`,
+    which imports every plugin module once); ``failures`` names the modules that failed to load, for
+    unknown-name errors. :data:`COMMANDS` uses its own pair (:mod:`prism.framework.commands`).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        plural: str | None = None,
+        *,
+        loader: Callable[[], None] | None = None,
+        failures: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
         self.kind = kind
         self.plural = plural or f"{kind}s"
         self._entries: dict[str, Entry] = {}
+        self._load = loader or _load_plugins
+        self._failures = failures or _plugin_failures
 
     # -- registration -------------------------------------------------------------------------
     def register(
@@ -112,9 +138,7 @@ class Registry:
     # -- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Entry:
         """The entry registered as ``name``; an :class:`UnknownNameError` with suggestions if none."""
-        from prism.framework.plugins import load_plugins, plugin_failures
-
-        load_plugins()
+        self._load()
         try:
             return self._entries[name]
         except KeyError:
@@ -124,7 +148,7 @@ class Registry:
         if close:
             lines.append(f"Did you mean: {', '.join(close)}?")
         lines.append(f"Registered {self.plural}: {', '.join(sorted(self._entries)) or '(none)'}.")
-        failures = plugin_failures()
+        failures = self._failures()
         if failures:
             lines.append(
                 "Plugin modules that failed to import (their names are missing): "
@@ -141,9 +165,7 @@ class Registry:
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Sorted registered names, optionally filtered by a shell-style pattern (``resnet*``)."""
-        from prism.framework.plugins import load_plugins
-
-        load_plugins()
+        self._load()
         names = sorted(self._entries)
         return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
@@ -151,9 +173,7 @@ class Registry:
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: object) -> bool:
-        from prism.framework.plugins import load_plugins
-
-        load_plugins()
+        self._load()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
@@ -175,9 +195,27 @@ OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("schedule")
 METRICS = Registry("metric")
 
-#: Every registry by kind; the kinds are also the Hydra config groups.
+
+def _load_commands() -> None:
+    from prism.framework.commands import load_commands
+
+    load_commands()
+
+
+def _command_failures() -> dict[str, str]:
+    from prism.framework.commands import command_failures
+
+    return command_failures()
+
+
+#: ``prism <command>``: the builder is the handler, ``(args: list[str]) -> int`` (the exit status); metadata
+#: ``usage`` is the line ``prism --help`` and argument errors show. Built-ins are in :mod:`prism.framework.cli`;
+#: packages add commands through the entry point group ``prism.commands`` (see :mod:`prism.framework.commands`).
+COMMANDS = Registry("command", loader=_load_commands, failures=_command_failures)
+
+#: Every registry by kind; the plugin kinds (all but ``command``) are also the Hydra config groups.
 REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (MODELS, OBJECTIVES, TASKS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULES, METRICS)
+    r.kind: r for r in (MODELS, OBJECTIVES, TASKS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULES, METRICS, COMMANDS)
 }
 
 

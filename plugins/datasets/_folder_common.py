@@ -47,10 +47,10 @@ class FolderConfig:
 
     path: str = ""
     image_size: list[int] = field(default_factory=list)
-    channels: int = 3
-    test_fraction: float = 0.2
+    channels: int = field(default=3, metadata={"choices": (1, 3)})
+    test_fraction: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
     split_seed: int = 0
-    on_corrupt: str = "skip"
+    on_corrupt: str = field(default="skip", metadata={"choices": ("skip", "fail")})
     train_split: str = "train"
     eval_split: str = "test"
     data_dir: str = ""

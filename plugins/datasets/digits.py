@@ -7,7 +7,7 @@ tiny and read for many epochs by the default job, its splits are cached in memor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class DigitsConfig:
     cache: keep the decoded splits in memory (1,797 tiny images; saves decoding every epoch).
     """
 
-    test_fraction: float = 0.2
+    test_fraction: float = field(default=0.2, metadata={"gt": 0, "lt": 1})
     split_seed: int = 0
     train_split: str = "train"
     eval_split: str = "test"

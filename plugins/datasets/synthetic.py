@@ -8,7 +8,7 @@ at any resolution and class count (``prism bench train`` uses it by default) wit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,11 +24,11 @@ class SyntheticConfig:
     """image_size: height = width of the images; channels: 1 or 3; num_classes: label range;
     train_size / test_size: examples per split; train_split / eval_split: the splits used."""
 
-    image_size: int = 224
-    channels: int = 3
-    num_classes: int = 1000
-    train_size: int = 10_000
-    test_size: int = 1_000
+    image_size: int = field(default=224, metadata={"ge": 1})
+    channels: int = field(default=3, metadata={"choices": (1, 3)})
+    num_classes: int = field(default=1000, metadata={"ge": 1})
+    train_size: int = field(default=10_000, metadata={"ge": 1})
+    test_size: int = field(default=1_000, metadata={"ge": 1})
     train_split: str = "train"
     eval_split: str = "test"
 

@@ -12,7 +12,7 @@ the ``simclr_cifar10_resnet18`` experiment sets. Use with ``augment=simclr``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from prism.plugins.objectives._ssl_common import MLP, SSLConfig, SSLObjective, c
 class SimCLRConfig(SSLConfig):
     """temperature: softmax temperature of NT-Xent. Projector: Linear-BN-ReLU-Linear (``proj_*`` fields)."""
 
-    temperature: float = 0.5
+    temperature: float = field(default=0.5, metadata={"gt": 0})
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:

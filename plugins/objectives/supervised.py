@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from prism.framework.registry import OBJECTIVES
 class SupervisedConfig:
     """label_smoothing: mass spread uniformly over all classes (0 disables)."""
 
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata={"ge": 0, "le": 1})
 
 
 class Supervised(Objective):

@@ -1,0 +1,247 @@
+"""Config validation (prism.framework.validate): every field of the root schema declares what it may be, a bad
+value of each is one ConfigError naming the key, the value and the range; keys no schema has are refused
+(``+train.epoch=3``); plugins declare ranges the same way; every dataset node has train_split/eval_split."""
+
+from __future__ import annotations
+
+import copy
+import math
+import typing
+from dataclasses import dataclass, field
+
+import pytest
+from conftest import read_result, run_prism
+from omegaconf import OmegaConf, open_dict
+
+from prism.framework.config import COMMON_FIELDS, PrismConfig, compose
+from prism.framework.errors import ConfigError
+from prism.framework.registry import DATASETS, MODELS
+from prism.framework.validate import check_added_keys, checks_of, describe, iter_schema_fields, validate_config
+
+#: Root-schema fields that take any value of their type: flags, a metric name, free-form lists and nodes
+#: (checked where they are read), and the plugin groups (each plugin's dataclass declares its own ranges).
+UNCHECKED = {
+    "model", "dataset", "objective", "task", "optimizer", "schedule", "evals",
+    "train.weight_decay_skip_1d", "augment.ops", "augment.views", "loader.shuffle",
+    "checkpoint.enabled", "checkpoint.best_metric", "checkpoint.async_save", "checkpoint.resume",
+    "logging.progress", "logging.tensorboard", "logging.plots",
+}
+
+SCHEMA = list(iter_schema_fields(PrismConfig))
+CHECKED = [(key, f, kind) for key, f, kind in SCHEMA if checks_of(f)]
+
+
+@pytest.fixture(scope="module")
+def default_cfg():
+    return compose([])
+
+
+def _is_int(kind) -> bool:
+    return kind is int or typing.get_args(kind) == (int,)
+
+
+def _bad_values(checks: dict, kind) -> list:
+    """Values just outside what ``checks`` allow (of the field's type)."""
+    step = 1 if _is_int(kind) else 0.5
+    if "choices" in checks:
+        return ["not_a_choice"] if str in (kind, *typing.get_args(kind)) else [max(checks["choices"]) + 1]
+    bad = []
+    if "ge" in checks:
+        bad.append(checks["ge"] - step)
+    if "gt" in checks:
+        bad.append(checks["gt"])
+    if "le" in checks:
+        bad.append(checks["le"] + step)
+    if "lt" in checks:
+        bad.append(checks["lt"])
+    if _is_int(kind):
+        return bad
+    return [float(b) for b in bad] + [math.inf, math.nan]
+
+
+def test_every_field_of_the_root_schema_declares_its_range_or_is_known_free():
+    unchecked = {key for key, f, _ in SCHEMA if not checks_of(f)}
+    assert unchecked == UNCHECKED, "a new numeric or enumerated field needs metadata={'ge': ...} or 'choices'"
+    for key, f, kind in SCHEMA:  # every number is bounded or at least finite
+        if kind in (int, float):
+            assert checks_of(f), key
+
+
+@pytest.mark.parametrize(("key", "f", "kind"), CHECKED, ids=[key for key, _, _ in CHECKED])
+def test_a_bad_value_of_each_field_is_a_config_error_naming_it(default_cfg, key, f, kind):
+    checks = checks_of(f)
+    is_list = typing.get_origin(kind) is list
+    for bad in _bad_values(checks, typing.get_args(kind)[0] if is_list else kind):
+        cfg = copy.deepcopy(default_cfg)
+        if "when" in checks:  # make the condition hold (train.epochs is checked while train.steps is 0)
+            sibling, value = checks["when"]
+            OmegaConf.update(cfg, f"{key.rsplit('.', 1)[0]}.{sibling}", value)
+        OmegaConf.update(cfg, key, [1.0, bad] if is_list else bad)
+        with pytest.raises(ConfigError) as info:
+            validate_config(cfg)
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"{key}[1] must be " if is_list else f"{key} must be "), message
+        assert describe({k: v for k, v in checks.items() if k != "when"}) in message
+        assert message.endswith(f"got {bad!r}"), message
+    validate_config(default_cfg)  # the defaults pass
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+        (["train.eval_batch_size=-1"], "train.eval_batch_size must be >= 0, got -1"),
+        (["train.steps=0", "train.epochs=0"], "train.epochs must be > 0 when train.steps is 0, got 0.0"),
+        (["train.ema_decay=1"], "train.ema_decay must be in [0, 1), got 1.0"),
+        (["loader.device_memory_fraction=1.5"], "loader.device_memory_fraction must be in (0, 1], got 1.5"),
+        (["checkpoint.best_mode=maximum"], "checkpoint.best_mode must be one of max, min, got 'maximum'"),
+        (["precision=fp16"], "precision must be one of fp32, bf16, got 'fp16'"),
+        (["train.time_to=[0.9,inf]"], "train.time_to[1] must be a finite number, got inf"),
+        # plugins declare ranges the same way (plugins/datasets/digits.py, plugins/objectives/simclr.py)
+        (["dataset.test_fraction=1.5"], "dataset.test_fraction must be in (0, 1), got 1.5"),
+        (["dataset=synthetic", "dataset.channels=2"], "dataset.channels must be one of 1, 3, got 2"),
+    ],
+)
+def test_composed_bad_values(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert str(info.value) == message
+
+
+def test_a_value_inside_its_range_passes():
+    cfg = compose(["train.steps=5", "train.epochs=0", "train.ema_decay=0.999", "loader.device_memory_fraction=1",
+                   "train.time_to=[0.5,0.9]", "checkpoint.best_mode=min", "precision=bf16"])
+    assert cfg.train.epochs == 0  # epochs may be anything while steps decides
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+train.epoch=3", ["unknown config key 'train.epoch'", "Did you mean: train.epochs?"]),
+        ("++train.epoch=3", ["unknown config key 'train.epoch'", "Did you mean: train.epochs?"]),
+        ("+checkpoint.kep=3", ["'checkpoint.kep'", "Did you mean: checkpoint.keep?"]),
+        ("+seeds=3", ["unknown config key 'seeds'", "Did you mean: seed?"]),
+        ("+model.widht=3", ["'model.widht'", "SimpleCNNConfig", "Did you mean: model.widths?"]),
+        ("+optimizer.learning_rate=0.1", ["'optimizer.learning_rate'", "AdamWConfig"]),
+    ],
+)
+def test_adding_an_unknown_key_is_refused_with_suggestions(override, expected):
+    with pytest.raises(ConfigError) as info:
+        check_added_keys([override])
+    message = str(info.value)
+    assert message.startswith(f"override '{override}': ")
+    for text in expected:
+        assert text in message, message
+    with pytest.raises(ConfigError, match="unknown config key"):  # compose refuses it too
+        compose([override])
+
+
+def test_added_keys_that_are_groups_or_free_form_are_left_to_hydra():
+    check_added_keys(["+experiment=fashion_mnist_cnn", "+hydra/sweeper=optuna", "+hydra.job.env_set.X=1",
+                      "+evals.knn.task=knn", "train.steps=3", "model=resnet18"])
+    assert compose(["+evals.knn.task=knn"]).evals.knn.task == "knn"
+
+
+def test_a_key_added_by_other_means_is_refused_after_composition():
+    """An experiment file or a notebook can add keys too: the composed config is checked against its schemas."""
+    cfg = compose([])
+    with open_dict(cfg.train):
+        cfg.train.epoch = 3
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch'.*Did you mean: train.epochs\?"):
+        validate_config(cfg)
+    with open_dict(cfg.train):
+        del cfg.train["epoch"]
+    with open_dict(cfg.model):
+        cfg.model.depht = 2
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.depht': model \(SimpleCNNConfig\) has no key"):
+        validate_config(cfg)
+
+
+@dataclass
+class RangedConfig:
+    """A third-party plugin's config with ranges in its metadata."""
+
+    width: int = field(default=4, metadata={"ge": 1})
+    mode: str = field(default="a", metadata={"choices": ("a", "b")})
+
+
+@dataclass
+class OwnSplitsConfig:
+    eval_split: str = "validation"
+    size: int = 3
+
+
+@pytest.fixture
+def test_plugins():
+    MODELS.register("test_ranged_model", config=RangedConfig)(lambda cfg, **kw: None)
+    DATASETS.register("test_own_splits", config=OwnSplitsConfig)(lambda cfg: None)
+    DATASETS.register("test_no_config")(lambda: None)
+    yield
+    MODELS.unregister("test_ranged_model")
+    DATASETS.unregister("test_own_splits")
+    DATASETS.unregister("test_no_config")
+
+
+def test_plugin_dataclass_ranges_are_checked(test_plugins):
+    assert compose(["model=test_ranged_model", "model.width=2"]).model.width == 2
+    with pytest.raises(ConfigError) as info:
+        compose(["model=test_ranged_model", "model.width=0"])
+    assert str(info.value) == "model.width must be >= 1, got 0"
+    with pytest.raises(ConfigError, match="model.mode must be one of a, b, got 'c'"):
+        compose(["model=test_ranged_model", "model.mode=c"])
+
+
+def test_every_dataset_node_has_the_split_keys(test_plugins):
+    assert [name for name, *_ in COMMON_FIELDS["dataset"]] == ["train_split", "eval_split"]
+    for name in DATASETS.names():
+        cfg = compose([f"dataset={name}"], validate=False)
+        assert isinstance(cfg.dataset.train_split, str) and isinstance(cfg.dataset.eval_split, str), name
+    own = compose(["dataset=test_own_splits"]).dataset
+    assert (own.train_split, own.eval_split, own.size) == ("train", "validation", 3)  # the plugin's default kept
+    bare = compose(["dataset=test_no_config"]).dataset
+    assert (bare.name, bare.train_split, bare.eval_split) == ("test_no_config", "train", "test")
+    assert compose(["dataset=test_no_config", "dataset.train_split='train[:50%]'"]).dataset.train_split == "train[:50%]"
+
+
+def test_every_builtin_plugin_default_passes_validation():
+    from prism.framework.config import SELECTED_KINDS, group_options
+
+    for kind in SELECTED_KINDS:
+        for name in group_options(kind):
+            compose([f"{kind}={name}"])
+
+
+def test_declared_metadata_keys_are_known():
+    """A misspelt metadata key ({'gte': 1}) would silently check nothing."""
+    from prism.framework.validate import CHECK_KEYS
+
+    for key, f, _ in SCHEMA:
+        assert set(f.metadata) <= set(CHECK_KEYS), key
+
+
+NO_OUTPUTS = ["checkpoint.enabled=false", "logging.tensorboard=false", "logging.plots=false",
+              "logging.progress=false"]
+
+
+def test_cli_refuses_an_added_unknown_key_before_a_run_starts(tmp_path):
+    proc = run_prism("train", "+train.epoch=3", cwd=tmp_path)
+
+    assert proc.returncode == 2
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("prism: error:")]
+    assert "unknown config key 'train.epoch'" in error and "Did you mean: train.epochs?" in error
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_bad_value_is_one_line_and_fails_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_prism("train", "train.batch_size=0", *NO_OUTPUTS, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+
+    assert proc.returncode == 2
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("prism: error:")]
+    assert error == "prism: error: train.batch_size must be >= 1, got 0"
+    assert "Traceback" not in proc.stderr
+    result = read_result(run_dir)
+    assert result["status"] == "failed"
+    assert result["error"] == "ConfigError: train.batch_size must be >= 1, got 0"
