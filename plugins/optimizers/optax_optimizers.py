@@ -11,6 +11,10 @@ semantics: ``None`` decays every parameter; otherwise a pytree of bools (or a ca
 ``params -> pytree of bools``) that is ``True`` where weight decay applies. The core builds it
 (typically excluding biases and normalization scales); LARS also uses it to decide which
 parameters get the layer-wise trust ratio, as SimCLR does.
+
+Every config inherits :class:`prism.framework.optim.OptimizerOptions` (``lr_multipliers``, ``freeze_after``,
+``lookahead_steps``, ``lookahead_alpha``, ``lookahead_alpha_power``), which the core applies around the rule
+built here, so a builder never reads them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import optax
 
 from prism.framework.errors import ConfigError
+from prism.framework.optim import OptimizerOptions
 from prism.framework.registry import OPTIMIZERS
 
 #: What the trainer passes as ``weight_decay_mask``: ``None``, a pytree of bools, or a callable.
@@ -46,7 +51,7 @@ def _check_betas(cfg: Any) -> None:
 
 
 @dataclasses.dataclass
-class SGDConfig:
+class SGDConfig(OptimizerOptions):
     """SGD with momentum and coupled (L2) weight decay, as ``torch.optim.SGD``.
 
     Attributes:
@@ -54,6 +59,8 @@ class SGDConfig:
         momentum: Heavy-ball momentum coefficient; 0 disables momentum (and its state).
         nesterov: Use Nesterov momentum (requires ``momentum > 0``).
         weight_decay: L2 coefficient added to the gradient before momentum (``g + wd * p``).
+        lr_multipliers, freeze_after, lookahead_steps, lookahead_alpha, lookahead_alpha_power: applied by the
+            core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
     lr: float = 0.1
@@ -78,7 +85,7 @@ def build_sgd(
 
 
 @dataclasses.dataclass
-class AdamWConfig:
+class AdamWConfig(OptimizerOptions):
     """Adam with decoupled weight decay (Loshchilov & Hutter).
 
     Attributes:
@@ -87,6 +94,8 @@ class AdamWConfig:
         b2: Decay rate of the second-moment estimate.
         eps: Added to the root of the second moment for numerical stability.
         weight_decay: Decoupled decay coefficient (scaled by the learning rate, not by Adam).
+        lr_multipliers, freeze_after, lookahead_steps, lookahead_alpha, lookahead_alpha_power: applied by the
+            core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
     lr: float = 1e-3
@@ -115,7 +124,7 @@ def build_adamw(
 
 
 @dataclasses.dataclass
-class LARSConfig:
+class LARSConfig(OptimizerOptions):
     """LARS: SGD with momentum and a layer-wise trust ratio, for large-batch training (SimCLR).
 
     Attributes:
@@ -124,6 +133,8 @@ class LARSConfig:
         weight_decay: L2 coefficient added to the gradient before the trust ratio.
         trust_coefficient: Multiplier of the trust ratio ``||p|| / (||g + wd * p|| + eps)``.
         eps: Added to the update norm in the trust-ratio denominator.
+        lr_multipliers, freeze_after, lookahead_steps, lookahead_alpha, lookahead_alpha_power: applied by the
+            core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
     lr: float = 0.1
@@ -155,7 +166,7 @@ def build_lars(
 
 
 @dataclasses.dataclass
-class LAMBConfig:
+class LAMBConfig(OptimizerOptions):
     """LAMB: Adam with decoupled weight decay and a layer-wise trust ratio (large-batch training).
 
     Attributes:
@@ -164,6 +175,8 @@ class LAMBConfig:
         b2: Decay rate of the second-moment estimate.
         eps: Added to the root of the second moment for numerical stability.
         weight_decay: Decoupled decay coefficient, added before the trust ratio.
+        lr_multipliers, freeze_after, lookahead_steps, lookahead_alpha, lookahead_alpha_power: applied by the
+            core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
     lr: float = 1e-3

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import optax
 
 from prism.framework.errors import ConfigError
@@ -161,3 +162,37 @@ def build_warmup_cosine(cfg: WarmupCosineConfig, *, base_lr: float, total_steps:
         decay_steps=total_steps,
         end_value=cfg.final_lr_fraction * base_lr,
     )
+
+
+@dataclasses.dataclass
+class TriangleConfig:
+    """Piecewise-linear up then down (airbench's ``triangle``, a linear one-cycle).
+
+    Attributes:
+        start_fraction: Rate at step 0, as a fraction of the base rate.
+        peak_fraction: Where the base rate is reached, as a fraction of ``total_steps`` (floored to a step).
+        end_fraction: Rate at the last step, as a fraction of the base rate.
+    """
+
+    start_fraction: float = 0.0
+    peak_fraction: float = 0.5
+    end_fraction: float = 0.0
+
+
+@SCHEDULES.register("triangle", config=TriangleConfig,
+                    description="Linear from start to the base rate at the peak, then linear to end (airbench).")
+def build_triangle(cfg: TriangleConfig, *, base_lr: float, total_steps: int) -> optax.Schedule:
+    """``base_lr`` times the line through (0, start), (peak, 1), (total_steps, end), constant after the end;
+    ``peak = floor(peak_fraction * total_steps)`` as airbench's ``int(peak * steps)``."""
+    _check_run(base_lr, total_steps)
+    for name in ("start_fraction", "peak_fraction", "end_fraction"):
+        _check_fraction(getattr(cfg, name), name)
+    start, end, peak = float(cfg.start_fraction), float(cfg.end_fraction), int(cfg.peak_fraction * total_steps)
+
+    def schedule(count):
+        t = jnp.clip(jnp.asarray(count, jnp.float32), 0.0, float(total_steps))
+        up = start + (1.0 - start) * t / peak if peak > 0 else jnp.ones_like(t)
+        down = 1.0 + (end - 1.0) * (t - peak) / (total_steps - peak) if peak < total_steps else jnp.ones_like(t)
+        return base_lr * jnp.where(t < peak, up, down)
+
+    return schedule

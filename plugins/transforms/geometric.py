@@ -1,4 +1,4 @@
-"""Geometric augmentations: flips, rotation, resize, random-resized-crop.
+"""Geometric augmentations: flips, translation, rotation, resize, random-resized-crop.
 
 Boxes (normalized ``[ymin, xmin, ymax, xmax]``) and masks follow the image; a box pushed out of the
 image is clipped, and ``box_valid`` turns False when nothing of it is left. Rotation and crops sample
@@ -58,6 +58,64 @@ def build_hflip(cfg: FlipConfig):
 @TRANSFORMS.register("vflip", config=FlipConfig, description="Vertical flip with probability p.")
 def build_vflip(cfg: FlipConfig):
     return with_probability(cfg.p, lambda ex, key: _flip(ex, axis=0))
+
+
+# -- translation -----------------------------------------------------------------------------------------
+#: How ``random_translate`` fills the border it pads: mirrored pixels (as numpy's 'reflect', the edge row not
+#: repeated) or zeros (black before normalization; label 0 for masks).
+TRANSLATE_MODES = {"reflect": "reflect", "zeros": "constant"}
+
+
+@dataclass
+class RandomTranslateConfig:
+    """Pad by ``pad`` pixels on every side, then crop a window of the original size at a random offset.
+
+    pad: the largest shift in pixels; each axis shifts by an integer drawn uniformly from [-pad, pad]
+        (0 leaves the example unchanged).
+    mode: how the padded border is filled: 'reflect' (mirrored pixels, needs pad < height and width) or
+        'zeros'.
+    """
+
+    pad: int = field(default=2, metadata={"ge": 0})
+    mode: str = field(default="reflect", metadata={"choices": tuple(TRANSLATE_MODES)})
+
+
+def _pad_crop(array: jax.Array, pad: int, mode: str, offset: jax.Array) -> jax.Array:
+    """The ``array.shape[:2]`` window at ``offset`` (y, x) of ``array`` padded by ``pad`` on both spatial axes."""
+    widths = [(pad, pad), (pad, pad)] + [(0, 0)] * (array.ndim - 2)
+    padded = jnp.pad(array, widths, mode=mode)
+    start = [offset[0], offset[1]] + [0] * (array.ndim - 2)
+    return jax.lax.dynamic_slice(padded, start, array.shape)
+
+
+@TRANSFORMS.register("random_translate", config=RandomTranslateConfig,
+                     description="Random shift by up to pad pixels: pad (reflect or zeros), crop back (airbench).")
+def build_random_translate(cfg: RandomTranslateConfig):
+    """The CIFAR translation augmentation (pad-and-random-crop, as airbench's ``batch_crop`` and the usual
+    ``RandomCrop(32, padding=4)``): one offset per example, the same for its image, mask and boxes."""
+    if cfg.pad < 0:
+        raise ValueError(f"pad must be >= 0, got {cfg.pad}")
+    if cfg.mode not in TRANSLATE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(TRANSLATE_MODES)}, got {cfg.mode!r}")
+    pad, mode = int(cfg.pad), TRANSLATE_MODES[cfg.mode]
+
+    def translate(example: Example, key: jax.Array) -> Example:
+        if pad == 0:
+            return example
+        h, w = example["image"].shape[:2]
+        if mode == "reflect" and pad >= min(h, w):
+            raise ValueError(f"random_translate: reflect padding needs pad < height and width, got pad {pad} "
+                             f"for a {h}x{w} image (use mode 'zeros')")
+        offset = jax.random.randint(key, (2,), 0, 2 * pad + 1)  # window start in the padded array
+        out = {**example, "image": _pad_crop(example["image"], pad, mode, offset)}
+        if "mask" in example:
+            out["mask"] = _pad_crop(example["mask"], pad, mode, offset)
+        if "boxes" in example:  # output pixel y shows input pixel y + offset - pad
+            shift = (pad - offset).astype(jnp.float32) / jnp.array([h, w], jnp.float32)
+            out = _finish_boxes(out, example["boxes"] + jnp.tile(shift, 2))
+        return out
+
+    return translate
 
 
 # -- affine warps ----------------------------------------------------------------------------------------
