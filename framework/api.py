@@ -58,6 +58,15 @@ class DataSource(Protocol):
     def split(self, name: str) -> Sequence[Mapping[str, np.ndarray]]: ...
 
 
+@runtime_checkable
+class DataInitialized(Protocol):
+    """A model that sets some of its weights from training data after initialization (a first layer whitened
+    from image patches, say). The core calls ``fit_to_data`` once, before training starts from scratch (not on
+    resume, not under ``model.pretrained``), with the first training images as uint8 ``(N, H, W, C)``."""
+
+    def fit_to_data(self, images: np.ndarray) -> None: ...
+
+
 class Objective(nnx.Module):
     """The training signal. Subclasses may own trainable parts (projection heads, predictors).
 

@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from omegaconf import DictConfig, OmegaConf
 
 from prism.framework import parallel
-from prism.framework.api import DataInfo, DataSource, Task
+from prism.framework.api import DataInfo, DataInitialized, DataSource, Task
 from prism.framework.augment import Pipeline
 from prism.framework.checkpoint import Checkpointer, signature
 from prism.framework.data import VALID_KEY, eval_batches, train_iterator
@@ -40,6 +40,7 @@ from prism.framework.logging import MetricLogger, plot_curves
 from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
+from prism.framework.timing import Phases, TimeTo, process_seconds
 
 RESULT_FILE = "result.json"
 PREDICTIONS_DIR = "predictions"
@@ -50,6 +51,8 @@ PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 #: rounding (unoptimized code does not fuse multiply-adds into FMAs; normal draws differ by <= 3 ulp). Other
 #: backends keep their defaults (their init compiles are fast, and their numbers stay as they were).
 RUN_ONCE = {"xla_backend_optimization_level": 0}
+#: Training images a :class:`~prism.framework.api.DataInitialized` model sees at initialization.
+DATA_INIT_EXAMPLES = 5000
 
 
 def _run_once_options() -> dict | None:
@@ -158,6 +161,8 @@ class Trainer:
         """``initialize=False`` skips computing the initial weights (``state`` stays None, ``abstract_state``
         describes it) for callers that restore a checkpoint next: evaluation and prediction."""
         self.cfg = cfg
+        self.startup_s = process_seconds()
+        self.phases = Phases()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.precision not in PRECISIONS:
@@ -167,10 +172,11 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.make_mesh(cfg.parallel.fsdp)
 
-        self.source: DataSource = _build_plugin(DATASETS, cfg.dataset)
-        self.info: DataInfo = self.source.info
-        self.train_split = self.source.split(cfg.dataset.get("train_split", "train"))
-        self.eval_split = self.source.split(cfg.dataset.get("eval_split", "test"))
+        with self.phases("prepare"):
+            self.source: DataSource = _build_plugin(DATASETS, cfg.dataset)
+            self.info: DataInfo = self.source.info
+            self.train_split = self.source.split(cfg.dataset.train_split)
+            self.eval_split = self.source.split(cfg.dataset.eval_split)
         self.task = self.build_task(cfg.task)
 
         t = cfg.train
@@ -182,8 +188,9 @@ class Trainer:
         self.eval_batch_size = t.eval_batch_size or t.batch_size
         self.eval_host = parallel.host_batch_slice(self.eval_batch_size, self.mesh)
         self.optimizer = build_optimizer(cfg, updates=self.updates)
-        self._build_state(initialize)
-        self._compile_steps()
+        with self.phases("init"):
+            self._build_state(initialize)
+            self._compile_steps()
         self.checkpointer: Checkpointer | None = None  # opened by fit(), closed when it returns
 
     # -- construction ---------------------------------------------------------------------------
@@ -227,6 +234,8 @@ class Trainer:
         if initialize:
             self.state = jax.jit(init, out_shardings=self.state_shardings, compiler_options=_run_once_options())(key)
             self.pretrained = self._load_pretrained()
+            if self.pretrained is None and not self._has_checkpoint_to_resume():
+                self._fit_to_data()
         self.param_count = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
 
     def _has_checkpoint_to_resume(self) -> bool:
@@ -251,6 +260,21 @@ class Trainer:
         ema = params if self.state.ema_params is not None else None
         self.state = self.state._replace(params=params, rest=rest, opt_state=opt_state, ema_params=ema)
         return report
+
+    def _fit_to_data(self) -> None:
+        """Let a model that sets some weights from training data (:class:`~prism.framework.api.DataInitialized`,
+        e.g. a whitening first layer) do so from the first ``DATA_INIT_EXAMPLES`` training images."""
+        system = nnx.merge(self.graphdef, self.state.params, self.state.rest, copy=True)
+        if not isinstance(system.model, DataInitialized):
+            return
+        count = min(len(self.train_split), DATA_INIT_EXAMPLES)
+        images = np.stack([np.asarray(self.train_split[i]["image"]) for i in range(count)])
+        system.model.fit_to_data(images)
+        _, params, rest = nnx.split(system, nnx.Param, ...)
+        self.state = self.state._replace(params=jax.device_put(params, self.state_shardings.params),
+                                         rest=jax.device_put(rest, self.state_shardings.rest))
+        if self.state.ema_params is not None:
+            self.state = self.state._replace(ema_params=self.state.params)
 
     def _compile_steps(self) -> None:
         cfg, info, task = self.cfg, self.info, self.task
@@ -372,7 +396,7 @@ class Trainer:
         ``eval_outputs_key`` are stored there and reused by later tasks with the same key.
         """
         task = task or self.task
-        task_out, objective_out = self._split_outputs(self.cfg.dataset.get("eval_split", "test"), task, shared)
+        task_out, objective_out = self._split_outputs(self.cfg.dataset.eval_split, task, shared)
         if task.reference_split:
             reference, _ = self._split_outputs(self._reference_split_name(task), task, shared)
             metrics = dict(task.summarize(task_out, reference=reference))
@@ -390,7 +414,7 @@ class Trainer:
         """The task's reference split; ``"train"`` is the split this run trains on (``dataset.train_split``),
         so a held-out evaluation slice of the same TFDS split never enters a kNN bank or a probe's data."""
         name = (task or self.task).reference_split
-        return self.cfg.dataset.get("train_split", "train") if name == "train" else name
+        return self.cfg.dataset.train_split if name == "train" else name
 
     def render(self, directory: Path, count: int, task: Task | None = None) -> list[Path]:
         """The task's pictures of its predictions for the first ``count`` evaluation examples (main host)."""
@@ -429,16 +453,24 @@ class Trainer:
     def _maybe_resume(self, data_iter) -> int:
         if self.checkpointer is None or not self.cfg.checkpoint.resume:
             return 0
-        step = self.checkpointer.latest_step()
-        if step is None:
+        found = self.checkpointer.restore_latest(self.abstract_state, meta_check={"model": self.cfg.model.name})
+        if found is None:
             return 0
-        self.state, data_state, _ = self.checkpointer.restore(step, self.abstract_state,
-                                                              meta_check={"model": self.cfg.model.name})
+        step, self.state, data_state, _ = found
         if data_state:
             data_iter.set_state(data_state)
         return step
 
     # -- the loop -------------------------------------------------------------------------------
+    def _speed_record(self, rates: list[float], time_to: TimeTo, stopped_at: int | None) -> dict:
+        """``timing`` (seconds per phase), ``process_s``, ``time_to``, ``loop_images_per_s`` (the median
+        logged rate, the first log left out when there are others: it holds the compiling step) and
+        ``stopped_at`` (the step ``train.stop_at`` ended the run at, else None)."""
+        steady = rates[1:] if len(rates) > 1 else rates
+        return {"timing": self.phases.record(self.startup_s), "process_s": round(process_seconds(), 3),
+                "time_to": time_to.reached, "stopped_at": stopped_at,
+                "loop_images_per_s": round(float(np.median(steady)), 1) if steady else None}
+
     def fit(self) -> dict:
         """Train to the configured number of steps; returns (and writes) the run's ``result.json``."""
         cfg, t = self.cfg, self.cfg.train
@@ -452,41 +484,65 @@ class Trainer:
         logger = MetricLogger(self.run_dir, total_steps=self.micro_steps, start_step=start,
                               steps_per_epoch=self.steps_per_epoch, enabled=self.is_main,
                               progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
+        for note in self.checkpointer.notes if self.checkpointer is not None else ():
+            logger.message(note)
         if start:
             logger.message(f"resumed from the checkpoint at step {start} in {self.checkpointer.directory}")
         elif self.pretrained is not None:
             logger.message(self.pretrained.summary())
         status, step, eval_metrics, last_logged = "completed", start, {}, {}
+        phases, rates, first_step_at, stopped_at = self.phases, [], None, None
+        time_to = TimeTo(t.time_to, cfg.checkpoint.best_mode)
         if start >= self.micro_steps:  # a finished run: report its final evaluation again
-            eval_metrics = self.evaluate()
+            with phases("eval"):
+                eval_metrics = self.evaluate()
         save_every = cfg.checkpoint.every
         try:
             with _Preemption() as preemption:
                 for step in range(start + 1, self.micro_steps + 1):
-                    batch = parallel.global_batch(self.mesh, next(data_iter))
-                    self.state, logs = self.train_step(self.state, batch)
-                    last = step == self.micro_steps
-                    if step % t.log_every == 0 or last:
-                        last_logged = {k: float(v) for k, v in jax.device_get(logs).items()}
-                        self._check_finite()
-                        rate = logger.progress(step, loss=last_logged["train/loss"],
-                                               images_per_step=t.batch_size)
-                        logger.write(step, {**last_logged, "train/images_per_s": rate})
+                    with phases("train" if first_step_at is not None else "compile"):
+                        batch = parallel.global_batch(self.mesh, next(data_iter))
+                        self.state, logs = self.train_step(self.state, batch)
+                        if first_step_at is None:  # the first call compiles: time it apart from training
+                            jax.block_until_ready(self.state)
+                            first_step_at = time.perf_counter()
+                        last = step == self.micro_steps
+                        if step % t.log_every == 0 or last:
+                            last_logged = {k: float(v) for k, v in jax.device_get(logs).items()}
+                            self._check_finite()
+                            rate = logger.progress(step, loss=last_logged["train/loss"],
+                                                   images_per_step=t.batch_size)
+                            rates.append(rate)
+                            logger.write(step, {**last_logged, "train/images_per_s": rate})
                     evaluated = step % self.eval_every == 0 or last
                     if evaluated:
-                        eval_metrics = self.evaluate()
+                        with phases("eval"):
+                            eval_metrics = self.evaluate()
                         logger.write(step, eval_metrics)
+                        target = eval_metrics.get(cfg.checkpoint.best_metric)
+                        time_to.update(target, step, first_step_at)
+                        if t.stop_at and target is not None and time_to.reaches(target, t.stop_at) and not last:
+                            stopped_at, last = step, True
+                            logger.message(f"{cfg.checkpoint.best_metric}={target:.4f} reached train.stop_at="
+                                           f"{t.stop_at} at step {step}: stopping")
                     due = (step % save_every == 0) if save_every else evaluated
                     if due or last or preemption.requested:
-                        self._save(step, data_iter, eval_metrics if evaluated else None)
+                        with phases("checkpoint"):
+                            self._save(step, data_iter, eval_metrics if evaluated else None)
+                    if stopped_at is not None:
+                        break
                     if preemption.requested and not last:
                         status = "preempted"
                         logger.message(f"SIGTERM received: saved step {step}; rerun in {self.run_dir} to resume")
                         break
         finally:
-            if self.checkpointer is not None:
-                self.checkpointer.close()
+            with phases("checkpoint"):
+                if self.checkpointer is not None:
+                    self.checkpointer.close()
             logger.close()
+        if status == "completed":
+            with phases("render"):
+                self.render(self.run_dir / PREDICTIONS_DIR, cfg.logging.render)
         result = {
             "status": status,
             "metrics": eval_metrics,
@@ -504,8 +560,7 @@ class Trainer:
         if self.pretrained is not None:
             result["pretrained"] = {"path": self.pretrained.path, "loaded": self.pretrained.loaded,
                                     "head_skipped": self.pretrained.head_skipped}
-        if status == "completed":
-            self.render(self.run_dir / PREDICTIONS_DIR, cfg.logging.render)
+        result.update(self._speed_record(rates, time_to, stopped_at))
         if self.is_main:
             (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
             if cfg.logging.plots:
