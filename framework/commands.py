@@ -34,9 +34,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import traceback
 import types
 import warnings
+
+from prism.framework.plugins import error_text
 
 ENTRY_POINT_GROUP = "prism.commands"
 #: The module whose import registers the built-in commands.
@@ -56,12 +57,6 @@ def _record_failure(label: str, message: str) -> None:
     warnings.warn(f"prism command {label!r} failed to load: {message}", CommandImportWarning, stacklevel=2)
 
 
-def _error_text(exc: BaseException) -> str:
-    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-    where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
-    return f"{type(exc).__name__}: {exc}{where}"
-
-
 def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
     from prism.framework.registry import COMMANDS, Entry
 
@@ -69,7 +64,7 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
     try:
         loaded = ep.load()
     except Exception as exc:
-        _record_failure(label, _error_text(exc))
+        _record_failure(label, error_text(exc))
         return
     registered = COMMANDS._entries.get(ep.name)
     if isinstance(loaded, types.ModuleType):  # the module registered its commands on import
@@ -87,7 +82,7 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
                            description=doc.strip().splitlines()[0] if doc.strip() else "",
                            module=getattr(loaded, "__module__", "?"), metadata={"usage": f"prism {ep.name} ..."}))
     except Exception as exc:  # a name taken by a built-in or by another package
-        _record_failure(label, _error_text(exc))
+        _record_failure(label, error_text(exc))
 
 
 def load_commands(*, force: bool = False) -> None:

@@ -31,10 +31,15 @@ class PluginImportWarning(UserWarning):
     """A plugin module raised on import; its registrations are missing."""
 
 
-def _record_failure(name: str, exc: BaseException) -> None:
+def error_text(exc: BaseException) -> str:
+    """``Type: message (file:line)`` of the innermost frame: what a failed plugin or command load reports."""
     last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" ({last[0].filename}:{last[0].lineno})" if last else ""
-    _failures[name] = f"{type(exc).__name__}: {exc}{where}"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _record_failure(name: str, exc: BaseException) -> None:
+    _failures[name] = error_text(exc)
     warnings.warn(f"prism plugin {name!r} failed to import: {_failures[name]}", PluginImportWarning,
                   stacklevel=1)
 
