@@ -337,6 +337,17 @@ def test_tiny_airbench_run_trains_on_cpu(tmp_path, monkeypatch):
                    "optimizer.lookahead_steps=2"])
     assert cfg.dataset.path == str(tmp_path / "cifar")
     trainer = Trainer(cfg, tmp_path / "run")
+    # the core fitted the whitening stem at the fresh start: fitting again on the same images changes nothing,
+    # while the unfitted (identity-initialized) kernel differs
+    from flax import nnx
+
+    system = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.rest, copy=True)
+    at_start = np.asarray(system.model.whiten.kernel[...])
+    images = np.stack([np.asarray(trainer.train_split[i]["image"]) for i in range(len(trainer.train_split))])
+    system.model.fit_to_data(images)
+    np.testing.assert_allclose(at_start, np.asarray(system.model.whiten.kernel[...]), rtol=1e-5, atol=1e-6)
+    unfitted = np.asarray(trainer._create_system(jax.random.key(cfg.seed)).model.whiten.kernel[...])
+    assert not np.allclose(at_start, unfitted)
     before = jax.device_get(trainer.state.params)
     result = trainer.fit()
     assert result["status"] == "completed"
