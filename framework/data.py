@@ -23,11 +23,11 @@ from prism.framework.parallel import HostSlice
 VALID_KEY = "_valid"
 
 
-def _as_numpy(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def as_numpy(example: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in example.items()}
 
 
-def _check_split(split: Sequence, what: str) -> None:
+def check_split(split: Sequence, what: str) -> None:
     if len(split) == 0:
         raise DataError(f"the {what} split is empty: check dataset.train_split / dataset.eval_split")
 
@@ -40,7 +40,7 @@ def _enable_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _to_iter(ds: grain.MapDataset, *, workers: int, threads: int, prefetch: int) -> grain.IterDataset:
+def to_iter(ds: grain.MapDataset, *, workers: int, threads: int, prefetch: int) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 0), prefetch_buffer_size=prefetch))
     if workers > 0:
         _enable_grain_workers()
@@ -52,7 +52,7 @@ def train_dataset(
     split: Sequence, *, global_batch: int, host: HostSlice, seed: int, shuffle: bool = True
 ) -> grain.MapDataset:
     """Infinite map dataset whose element ``s`` is this host's part of global batch ``s``."""
-    _check_split(split, "training")
+    check_split(split, "training")
     if len(split) < global_batch:
         raise DataError(
             f"the training split has {len(split)} examples, fewer than one global batch ({global_batch}); "
@@ -61,7 +61,7 @@ def train_dataset(
     ds = grain.MapDataset.source(split)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat().map(_as_numpy)
+    ds = ds.repeat().map(as_numpy)
     ds = ds.batch(host.per_host_batch, drop_remainder=True)
     return ds[host.index :: host.count]
 
@@ -72,7 +72,7 @@ def train_iterator(
 ) -> grain.DatasetIterator:
     """A checkpointable iterator over :func:`train_dataset` (``get_state``/``set_state``)."""
     ds = train_dataset(split, global_batch=global_batch, host=host, seed=seed, shuffle=shuffle)
-    return iter(_to_iter(ds, workers=workers, threads=threads, prefetch=prefetch))
+    return iter(to_iter(ds, workers=workers, threads=threads, prefetch=prefetch))
 
 
 class _PaddedExamples:
@@ -86,7 +86,7 @@ class _PaddedExamples:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         valid = index < len(self.split)
-        example = _as_numpy(self.split[index if valid else 0])
+        example = as_numpy(self.split[index if valid else 0])
         example[VALID_KEY] = np.asarray(valid)
         return example
 
@@ -96,10 +96,10 @@ def eval_batches(
     prefetch: int = 2,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This host's part of each global evaluation batch over the whole split, in order, padded."""
-    _check_split(split, "evaluation")
+    check_split(split, "evaluation")
     n_batches = -(-len(split) // global_batch)
     if max_batches:
         n_batches = min(n_batches, max_batches)
     ds = grain.MapDataset.source(_PaddedExamples(split, n_batches * global_batch))
     ds = ds.batch(host.per_host_batch, drop_remainder=True)[host.index :: host.count]
-    return iter(_to_iter(ds, workers=0, threads=threads, prefetch=prefetch))
+    return iter(to_iter(ds, workers=0, threads=threads, prefetch=prefetch))

@@ -40,6 +40,7 @@ from prism.framework.logging import MetricLogger, plot_curves
 from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
+from prism.framework.resident import ResidentSplit, choose_placement, train_index_iterator
 from prism.framework.timing import Phases, TimeTo, process_seconds
 
 RESULT_FILE = "result.json"
@@ -177,6 +178,9 @@ class Trainer:
             self.info: DataInfo = self.source.info
             self.train_split = self.source.split(cfg.dataset.train_split)
             self.eval_split = self.source.split(cfg.dataset.eval_split)
+            self.placement = choose_placement(cfg.loader.placement, [self.train_split, self.eval_split],
+                                              cfg.loader.device_memory_fraction)
+        self._resident: dict[str, ResidentSplit] = {}  # split name -> its examples on the devices
         self.task = self.build_task(cfg.task)
 
         t = cfg.train
@@ -350,20 +354,61 @@ class Trainer:
         self._eval_steps[id(task)] = (task, step)
         return step
 
+    # -- data -----------------------------------------------------------------------------------
+    def resident(self, split_name: str) -> ResidentSplit:
+        """The split named ``split_name`` on the devices (``loader.placement=device``), decoded once."""
+        if split_name not in self._resident:
+            split = self.train_split if split_name == self.cfg.dataset.train_split else self.source.split(split_name)
+            what = "training" if split_name == self.cfg.dataset.train_split else f"{split_name!r}"
+            self._resident[split_name] = ResidentSplit(split, self.mesh, threads=self.cfg.loader.threads, what=what)
+        return self._resident[split_name]
+
+    def _train_batches(self):
+        """``(checkpointable iterator, next_batch)``: the host pipeline, or on the device path the same
+        stream of example indices and a gather from the resident training split."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.placement == "device":
+            resident = self.resident(cfg.dataset.train_split)
+            self.resident(cfg.dataset.eval_split)  # decoded now: in prepare_s, not in the first evaluation
+            data_iter = train_index_iterator(len(self.train_split), global_batch=t.batch_size, host=self.host,
+                                             seed=cfg.seed, shuffle=cfg.loader.shuffle, prefetch=cfg.loader.prefetch)
+            return data_iter, lambda: resident.batch(next(data_iter)["index"])
+        data_iter = train_iterator(self.train_split, global_batch=t.batch_size, host=self.host, seed=cfg.seed,
+                                   shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
+                                   threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
+        return data_iter, lambda: parallel.global_batch(self.mesh, next(data_iter))
+
+    def _device_batches(self, split_name: str, max_batches: int):
+        """``(global batch, this host's validity mask)`` over a resident split."""
+        return self.resident(split_name).eval_batches(global_batch=self.eval_batch_size, host=self.eval_host,
+                                                      max_batches=max_batches)
+
     # -- evaluation -----------------------------------------------------------------------------
-    def _eval_outputs(self, split, first_batch_only: bool = False, task: Task | None = None):
+    def _host_batches(self, split, max_batches: int, raw: list):
+        """``(global batch, this host's validity mask)`` over ``split`` read on the host; the first batch's
+        valid examples are appended to ``raw`` (render draws them)."""
+        for host_batch in eval_batches(split, global_batch=self.eval_batch_size, host=self.eval_host,
+                                       max_batches=max_batches):
+            valid = host_batch.pop(VALID_KEY)
+            if not raw:
+                raw.append({k: np.asarray(v)[np.asarray(valid, bool)] for k, v in host_batch.items()})
+            yield parallel.global_batch(self.mesh, host_batch), valid
+
+    def _eval_outputs(self, split, first_batch_only: bool = False, task: Task | None = None,
+                      split_name: str | None = None):
         """``(task outputs, objective outputs, raw host batch of the first batch)`` over ``split``, padding
-        removed; every host gets the whole split's outputs. ``task``: another task than the run's own."""
+        removed; every host gets the whole split's outputs. ``task``: another task than the run's own.
+        With ``split_name`` on the device path the split is evaluated from device memory (no raw batch)."""
         eval_step = self._eval_step_for(task or self.task)
         collected: tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]] = ({}, {})
-        first_raw = None
-        batches = eval_batches(split, global_batch=self.eval_batch_size, host=self.eval_host,
-                               max_batches=1 if first_batch_only else self.cfg.train.max_eval_batches)
-        for host_batch in batches:
-            valid = host_batch.pop(VALID_KEY)
-            if first_raw is None:
-                first_raw = {k: np.asarray(v)[np.asarray(valid, bool)] for k, v in host_batch.items()}
-            outputs = eval_step(self.state, parallel.global_batch(self.mesh, host_batch))
+        raw: list[dict] = []
+        max_batches = 1 if first_batch_only else self.cfg.train.max_eval_batches
+        if split_name is not None and self.placement == "device" and not first_batch_only:
+            batches = self._device_batches(split_name, max_batches)
+        else:
+            batches = self._host_batches(split, max_batches, raw)
+        for batch, valid in batches:
+            outputs = eval_step(self.state, batch)
             if jax.process_count() > 1:
                 outputs = multihost_utils.process_allgather(outputs, tiled=True)
                 valid = multihost_utils.process_allgather(valid, tiled=True)
@@ -371,7 +416,7 @@ class Trainer:
                 for name, value in part.items():
                     into.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
         task_out, objective_out = ({name: np.concatenate(parts) for name, parts in c.items()} for c in collected)
-        return task_out, objective_out, first_raw or {}
+        return task_out, objective_out, raw[0] if raw else {}
 
     def _split_outputs(self, split_name: str, task: Task, shared: dict | None) -> tuple[dict, dict]:
         """``(task outputs, objective outputs)`` over the split named ``split_name``, taken from ``shared``
@@ -379,7 +424,8 @@ class Trainer:
         key = task.eval_outputs_key() if shared is not None else None
         if key is not None and (split_name, key) in shared:
             return shared[(split_name, key)]
-        task_out, objective_out, _ = self._eval_outputs(self.source.split(split_name), task=task)
+        split = self.eval_split if split_name == self.cfg.dataset.eval_split else self.source.split(split_name)
+        task_out, objective_out, _ = self._eval_outputs(split, task=task, split_name=split_name)
         if key is not None:  # read-only: a task that changed them in place would change them for the next
             for array in (*task_out.values(), *objective_out.values()):
                 array.flags.writeable = False
@@ -475,9 +521,8 @@ class Trainer:
         """Train to the configured number of steps; returns (and writes) the run's ``result.json``."""
         cfg, t = self.cfg, self.cfg.train
         started = time.perf_counter()
-        data_iter = train_iterator(self.train_split, global_batch=t.batch_size, host=self.host, seed=cfg.seed,
-                                   shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
-                                   threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
+        with self.phases("prepare"):
+            data_iter, next_batch = self._train_batches()
         if cfg.checkpoint.enabled:
             self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         start = self._maybe_resume(data_iter)
@@ -501,8 +546,7 @@ class Trainer:
             with _Preemption() as preemption:
                 for step in range(start + 1, self.micro_steps + 1):
                     with phases("train" if first_step_at is not None else "compile"):
-                        batch = parallel.global_batch(self.mesh, next(data_iter))
-                        self.state, logs = self.train_step(self.state, batch)
+                        self.state, logs = self.train_step(self.state, next_batch())
                         if first_step_at is None:  # the first call compiles: time it apart from training
                             jax.block_until_ready(self.state)
                             first_step_at = time.perf_counter()

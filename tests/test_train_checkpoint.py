@@ -86,13 +86,16 @@ def _restore(run_dir: Path, step: int, overrides: list[str], tmp_path: Path):
         checkpointer.close()
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, cache_env):
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, cache_env, placement):
+    """On both data placements: on ``device`` the checkpoint holds the example-index stream's position."""
+    run = [*RESUME_RUN, f"loader.placement={placement}"]
     dir_a, dir_b = tmp_path / "uninterrupted", tmp_path / "killed"
-    proc = run_prism("train", *RESUME_RUN, f"hydra.run.dir={dir_a}", cwd=REPO, env=cache_env)
+    proc = run_prism("train", *run, f"hydra.run.dir={dir_a}", cwd=REPO, env=cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result_a = read_result(dir_a)
 
-    b = _start([*RESUME_RUN, f"hydra.run.dir={dir_b}"], cache_env)
+    b = _start([*run, f"hydra.run.dir={dir_b}"], cache_env)
     try:
         _wait_for_checkpoint(b, dir_b / "checkpoints", 20)
         b.send_signal(signal.SIGKILL)
@@ -107,7 +110,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, cache_env):
     assert 20 <= killed_at < 40, f"the run was not interrupted mid-way (latest checkpoint {killed_at})"
     logged_before = [r["step"] for r in read_metrics(dir_b) if "train/loss" in r]
 
-    proc = run_prism("train", *RESUME_RUN, f"hydra.run.dir={dir_b}", cwd=REPO, env=cache_env)
+    proc = run_prism("train", *run, f"hydra.run.dir={dir_b}", cwd=REPO, env=cache_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from the checkpoint at step {killed_at}" in proc.stdout + proc.stderr
     result_b = read_result(dir_b)
@@ -125,8 +128,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, cache_env):
         assert r["train/loss"] == loss_a[r["step"]], r["step"]
 
     # the final train states are identical: params, BatchNorm statistics, RNG streams, optimizer state
-    state_a, data_a, _ = _restore(dir_a, 40, RESUME_RUN, tmp_path)
-    state_b, data_b, _ = _restore(dir_b, 40, RESUME_RUN, tmp_path)
+    state_a, data_a, _ = _restore(dir_a, 40, run, tmp_path)
+    state_b, data_b, _ = _restore(dir_b, 40, run, tmp_path)
     flat_a, flat_b = _flat(state_a), _flat(state_b)
     assert flat_a.keys() == flat_b.keys()
     for path in flat_a:

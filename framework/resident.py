@@ -1,0 +1,131 @@
+"""Device-resident data (``loader.placement``): each split decoded once and kept in device memory.
+
+A :class:`ResidentSplit` stacks a split's examples (uint8 images at the dataset's size, labels, any
+other fixed-shape fields) into one array per key and puts them on every device of the mesh, replicated.
+A batch is then a gather on the device (``jnp.take`` by example index) instead of a host read, decode,
+collate and host-to-device copy every step; only the batch's example indices (a few hundred int32) go
+from host to device.
+
+The indices come from the same grain pipeline as the host path (:func:`prism.framework.data.train_dataset`
+over a source whose examples are their own index), so both placements see the same permutation, a pure
+function of (seed, epoch): ``host`` and ``device`` give the same losses, and the index iterator's state
+in the checkpoint resumes the exact position after a kill.
+
+Replicated rather than sharded over the data axis: every device gathers any example without
+communication, at the cost of one copy of the split per device (``loader.device_memory_fraction``
+bounds it). Each process puts its own copy on its local devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from prism.framework import parallel
+from prism.framework.data import VALID_KEY, as_numpy, check_split, to_iter, train_dataset
+from prism.framework.errors import DataError
+from prism.framework.parallel import HostSlice
+
+INDEX_KEY = "index"
+#: Examples read per host batch while stacking a split (read by ``threads`` grain threads).
+_STACK_BATCH = 1024
+
+
+class ExampleIndices:
+    """A source of ``len(split)`` examples whose only field is their own index (for the index stream)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {INDEX_KEY: np.asarray(index, np.int32)}
+
+
+def stack_split(split: Sequence, *, threads: int = 2, what: str = "training") -> dict[str, np.ndarray]:
+    """Every example of ``split`` as one array per key; :class:`~prism.framework.errors.DataError` when the
+    examples' shapes differ (such data stays on the host path)."""
+    check_split(split, what)
+    ds = grain.MapDataset.source(split).map(as_numpy)
+    try:
+        batches = list(to_iter(ds.batch(_STACK_BATCH), workers=0, threads=threads, prefetch=2))
+    except ValueError as error:  # grain's collate: arrays of different shapes cannot be stacked
+        raise DataError(f"the {what} split's examples do not all have one shape, so it cannot be kept on the "
+                        f"device (loader.placement=device); use loader.placement=host ({error})") from None
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def fixed_shape_bytes(split: Sequence) -> int | None:
+    """Bytes of ``split`` stacked, estimated from its first example; None when it is empty."""
+    if len(split) == 0:
+        return None
+    first = as_numpy(split[0])
+    return len(split) * sum(v.nbytes for v in first.values())
+
+
+def device_memory_bytes() -> int | None:
+    """The memory of one local device, when its backend reports it (GPUs and TPUs do; the CPU does not)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def choose_placement(placement: str, splits: Sequence[Sequence], fraction: float) -> str:
+    """``host`` or ``device`` for ``loader.placement``: ``auto`` is ``device`` when the backend reports its
+    memory and the splits' decoded examples fit in ``fraction`` of one device's memory."""
+    if placement != "auto":
+        return placement
+    memory = device_memory_bytes()
+    sizes = [fixed_shape_bytes(s) for s in splits]
+    if memory is None or any(size is None for size in sizes):
+        return "host"
+    return "device" if sum(sizes) <= fraction * memory else "host"
+
+
+class ResidentSplit:
+    """A split kept on the devices; :meth:`batch` gathers a global batch by example index."""
+
+    def __init__(self, split: Sequence, mesh: Mesh, *, threads: int = 2, what: str = "training") -> None:
+        self.mesh, self.length = mesh, len(split)
+        host_arrays = stack_split(split, threads=threads, what=what)
+        replicated = parallel.replicated(mesh)
+        self.arrays = {k: jax.make_array_from_process_local_data(replicated, v) for k, v in host_arrays.items()}
+        self.nbytes = sum(v.nbytes for v in host_arrays.values())
+        self._gather = jax.jit(lambda arrays, index: {k: jnp.take(v, index, axis=0) for k, v in arrays.items()},
+                               out_shardings=parallel.batch_sharding(mesh))
+
+    def batch(self, host_indices: np.ndarray) -> dict[str, jax.Array]:
+        """The global batch whose examples are this host's ``host_indices`` (and the other hosts' own)."""
+        index = parallel.global_batch(self.mesh, {INDEX_KEY: np.asarray(host_indices, np.int32)})[INDEX_KEY]
+        return self._gather(self.arrays, index)
+
+    def eval_batches(self, *, global_batch: int, host: HostSlice, max_batches: int = 0
+                     ) -> Iterator[tuple[dict[str, jax.Array], np.ndarray]]:
+        """``(global batch, this host's validity mask)`` over the whole split in order, the last batch padded
+        with the first example (as :func:`prism.framework.data.eval_batches` does on the host)."""
+        n_batches = -(-self.length // global_batch)
+        if max_batches:
+            n_batches = min(n_batches, max_batches)
+        for b in range(n_batches):
+            start = b * global_batch + host.index * host.per_host_batch
+            index = np.arange(start, start + host.per_host_batch)
+            valid = index < self.length
+            yield self.batch(np.where(valid, index, 0)), valid
+
+
+def train_index_iterator(length: int, *, global_batch: int, host: HostSlice, seed: int, shuffle: bool = True,
+                         threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
+    """The host path's training stream over example indices: element ``s`` is ``{"index": ...}`` for this
+    host's part of global batch ``s`` (checkpointable like the host path's iterator)."""
+    ds = train_dataset(ExampleIndices(length), global_batch=global_batch, host=host, seed=seed, shuffle=shuffle)
+    return iter(to_iter(ds, workers=0, threads=min(threads, 1), prefetch=prefetch))
+
+
+__all__ = ["INDEX_KEY", "VALID_KEY", "ResidentSplit", "choose_placement", "stack_split", "train_index_iterator"]
