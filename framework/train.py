@@ -95,6 +95,12 @@ def _cast_floats(tree: Any, dtype) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value of ``tree`` is finite (BatchNorm statistics, EMA targets, ...)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
 def _restore_dtypes(tree: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
 
@@ -309,7 +315,8 @@ class Trainer:
             new_rest = _restore_dtypes(new_rest, state.rest)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            finite = jnp.isfinite(loss)
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_rest)
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             params, opt_state, new_rest = keep(params, state.params), keep(opt_state, state.opt_state), keep(
                 new_rest, state.rest)
@@ -320,7 +327,7 @@ class Trainer:
                                    ema, params)
             bad = jnp.where((state.bad_step < 0) & ~finite, state.step + 1, state.bad_step)
             new_state = TrainState(state.step + 1, params, new_rest, opt_state, ema, bad)
-            logs = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+            logs = {"train/loss": loss, "train/grad_norm": grad_norm,
                     "train/lr": schedule(state.step // accum),
                     **{f"train/{k}": v for k, v in metrics.items()}}
             return new_state, logs
@@ -493,8 +500,8 @@ class Trainer:
             kept = f"the last good checkpoint is step {last} in {self.checkpointer.directory}" if last is not None \
                 else "no checkpoint was written"
             raise NonFiniteLossError(
-                f"the training loss became NaN/inf at step {bad}; parameters from that step on were not "
-                f"applied, {kept}. Lower optimizer.lr, enable train.grad_clip_norm, or check the data.")
+                f"the training loss, gradients or BatchNorm statistics became NaN/inf at step {bad}; that step's "
+                f"update was not applied, {kept}. Lower optimizer.lr, enable train.grad_clip_norm, or check the data.")
 
     def _maybe_resume(self, data_iter) -> int:
         if self.checkpointer is None or not self.cfg.checkpoint.resume:

@@ -32,20 +32,24 @@ class Calls(nnx.Variable):
 @dataclass
 class NaNAtConfig:
     nan_at: int = NAN_AT
+    grads_only: bool = False  # the loss stays finite; only its gradient is NaN
 
 
 class NaNAt(Objective):
     """Cross-entropy, multiplied by NaN from the ``nan_at``-th call on (so the gradients are NaN too)."""
 
     def __init__(self, cfg: NaNAtConfig, num_classes: int) -> None:
-        self.nan_at, self.num_classes = cfg.nan_at, num_classes
+        self.nan_at, self.num_classes, self.grads_only = cfg.nan_at, num_classes, cfg.grads_only
         self.calls = Calls(jnp.zeros((), jnp.int32))
 
     def __call__(self, model, batch, key):
         logits = model(batch["image"]).astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         self.calls[...] = self.calls[...] + 1
-        return loss * jnp.where(self.calls[...] >= self.nan_at, jnp.nan, 1.0), {}
+        bad = self.calls[...] >= self.nan_at
+        if self.grads_only:  # value 0; d/dx of 0 * sqrt(0) is 0 * inf = NaN once bad
+            return loss + 0.0 * jnp.sqrt(jnp.abs(logits[0, 0]) * (1.0 - bad)), {}
+        return loss * jnp.where(bad, jnp.nan, 1.0), {}
 
 
 def build_nan_at(cfg: NaNAtConfig, *, model, data, rngs) -> NaNAt:
@@ -70,6 +74,24 @@ def nan_run(tmp_path_factory):
     finally:
         OBJECTIVES.unregister("test_nan_at")
         ConfigStore.instance().repo.get("objective", {}).pop("test_nan_at.yaml", None)  # stored by compose()
+
+
+def test_nan_gradients_under_a_finite_loss_stop_the_run(tmp_path):
+    """The guard covers the gradients, not only the loss: no NaN update is applied or checkpointed."""
+    OBJECTIVES.register("test_nan_at", config=NaNAtConfig)(build_nan_at)
+    try:
+        trainer = Trainer(compose([*NAN_RUN, "objective.grads_only=true", "train.log_every=1"]), tmp_path)
+        with pytest.raises(NonFiniteLossError, match=f"at step {NAN_AT};"):
+            trainer.fit()
+    finally:
+        OBJECTIVES.unregister("test_nan_at")
+        ConfigStore.instance().repo.get("objective", {}).pop("test_nan_at.yaml", None)
+    logged = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert all(np.isfinite(r["train/loss"]) for r in logged)  # the loss never showed it
+    assert [r["step"] for r in logged] == list(range(1, NAN_AT))  # stopped before logging the NaN step
+    state = jax.device_get(trainer.state)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert _checkpoint_steps(tmp_path) == [5, 10]
 
 
 def _checkpoint_steps(run_dir) -> list[int]:
