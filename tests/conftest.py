@@ -51,6 +51,25 @@ def finish_all(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
     return outputs
 
 
+EXAMPLE_PACKAGE = REPO / "tests" / "plugin_package"
+
+
+def install_example_package(root: Path) -> Path:
+    """pip-install ``tests/plugin_package`` (built from a copy, so no build/ or *.egg-info lands in the repo)
+    into ``root/site``; returns that directory (put it on PYTHONPATH)."""
+    import shutil
+
+    source, target = root / "src", root / "site"
+    shutil.copytree(EXAMPLE_PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-input",
+         "--disable-pip-version-check", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
+    return target
+
+
 def read_result(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "result.json").read_text())
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_prism
+from conftest import install_example_package, run_prism
 
 from prism.framework.cli import main, usage
 from prism.framework.commands import ENTRY_POINT_GROUP
@@ -21,7 +18,6 @@ from prism.framework.errors import ConfigError
 from prism.framework.registry import COMMANDS, REGISTRIES, registry_for
 
 BUILTINS = {"train", "eval", "predict", "list", "bench", "sweep-report"}
-PACKAGE_DIR = REPO / "tests" / "plugin_package"
 
 
 def _error_line(stderr: str) -> str:
@@ -165,16 +161,7 @@ def test_unknown_command_names_the_failed_entry_point(fake_env, tmp_path):
 @pytest.fixture(scope="module")
 def example_env(tmp_path_factory) -> dict:
     """pip-install the example package (tests/plugin_package) into a target dir, as test_third_party_plugin does."""
-    root = tmp_path_factory.mktemp("example_plugin")
-    source = root / "src"
-    shutil.copytree(PACKAGE_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = root / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-input",
-         "--disable-pip-version-check", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
+    target = install_example_package(tmp_path_factory.mktemp("example_plugin"))
     entry_points = (next(target.glob("prism_example_plugin-*.dist-info")) / "entry_points.txt").read_text()
     assert "[prism.commands]\ntiny-mlp-size = prism_example_plugin.commands:tiny_mlp_size" in entry_points
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
-from conftest import FAST, REPO, read_result, run_prism
+from conftest import EXAMPLE_PACKAGE, FAST, REPO, install_example_package, read_result, run_prism
 from omegaconf import OmegaConf
 
-PACKAGE_DIR = REPO / "tests" / "plugin_package"
+PACKAGE_DIR = EXAMPLE_PACKAGE
 PLUGIN_FILE = PACKAGE_DIR / "prism_example_plugin" / "__init__.py"
 README = REPO / "README.md"
 FAST_NO_WIDTHS = [o for o in FAST if not o.startswith("model.widths=")]
@@ -21,17 +18,7 @@ FAST_NO_WIDTHS = [o for o in FAST if not o.startswith("model.widths=")]
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory) -> dict:
     """pip-install the package into a fresh target dir; the environment that puts it on the path."""
-    root = tmp_path_factory.mktemp("third_party")
-    # Build from a copy so the in-tree build/ and *.egg-info never land in (or go stale in) the repo.
-    source = root / "src"
-    shutil.copytree(PACKAGE_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = root / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-input",
-         "--disable-pip-version-check", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
+    target = install_example_package(tmp_path_factory.mktemp("third_party"))
     assert (target / "prism_example_plugin" / "__init__.py").read_text() == PLUGIN_FILE.read_text()
     entry_points = next(target.glob("prism_example_plugin-*.dist-info")) / "entry_points.txt"
     assert "[prism.plugins]\nexample = prism_example_plugin" in entry_points.read_text()
