@@ -126,8 +126,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=50, help="data: timed batches (default 50)")
     parser.add_argument("--steps", type=int, default=20, help="train: timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="batches/steps before timing (default 5)")
-    parser.add_argument("--data", choices=["synthetic", "pipeline"], default="synthetic",
-                        help="train: one batch kept on device (synthetic) or the real input pipeline")
+    parser.add_argument("--data", choices=["synthetic", "pipeline", "device"], default="synthetic",
+                        help="train: one batch kept on device (synthetic), the real host pipeline, or the split kept "
+                             "on the devices with batches gathered there (device)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="train: peak TFLOP/s per device for MFU (default: known GPUs)")
     parser.add_argument("--profile", default=None, help="train: also write a jax.profiler trace of 5 steps here")

@@ -6,7 +6,10 @@ built from the same composed config. Two data modes:
 
 - ``synthetic``: one global batch from the dataset is put on the devices once and fed to every step,
   so the figure is the device's compute alone (use ``dataset=synthetic`` for any resolution);
-- ``pipeline``: every step takes its batch from the real host input pipeline, as training does.
+- ``pipeline``: every step takes its batch from the real host input pipeline, as training does;
+- ``device``: the step timed on one batch as ``synthetic``, then images/s of ``fit``'s own calls on the
+  device path (``loader.placement=device``: ``steps_per_call`` steps per call, each gathering its batch
+  from the training split kept on the devices); ``index_ms`` is the host's time for one batch of indices.
 
 Reported: compile time (``compile_cached`` says when the persistent compilation cache served the step
 instead, :mod:`prism.framework.compilation_cache`), median step time over synced steps, images/s over an unsynced
@@ -56,6 +59,17 @@ def _peak_memory(devices: list[jax.Device]) -> int | None:
     return max(peaks) if all(p is not None for p in peaks) and peaks else None
 
 
+DATA_MODES = ("synthetic", "pipeline", "device")
+
+
+def _index_ms(indices, n: int) -> float:
+    """Milliseconds per batch of example indices read from the device path's index stream."""
+    started = time.perf_counter()
+    for _ in range(n):
+        next(indices)
+    return (time.perf_counter() - started) / n * 1e3
+
+
 def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str = "synthetic",
                 peak: float | None = None, profile: str | None = None) -> dict[str, Any]:
     """Time ``steps`` training steps of ``cfg`` after ``warmup`` (see the module docstring); with ``profile``,
@@ -64,20 +78,23 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
 
     if steps < 1 or warmup < 1:
         raise ConfigError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")
-    if data not in ("synthetic", "pipeline"):
-        raise ConfigError(f"--data must be 'synthetic' or 'pipeline', got {data!r}")
+    if data not in DATA_MODES:
+        raise ConfigError(f"--data must be one of {', '.join(DATA_MODES)}, got {data!r}")
+    if data == "device":
+        cfg = cfg.copy()
+        cfg.loader.placement = "device"
     with tempfile.TemporaryDirectory(prefix="prism-bench-") as run_dir:
         started = time.perf_counter()
         trainer = Trainer(cfg, run_dir)
         build_s = time.perf_counter() - started
         t = cfg.train
-        batches = train_iterator(trainer.train_split, global_batch=t.batch_size, host=trainer.host, seed=cfg.seed,
-                                 shuffle=cfg.loader.shuffle, workers=cfg.loader.workers, threads=cfg.loader.threads,
-                                 prefetch=cfg.loader.prefetch)
+        batches = train_iterator(trainer.train_split, global_batch=t.batch_size, host=trainer.host,
+                                 seed=cfg.seed, shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
+                                 threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
         fixed = parallel.global_batch(trainer.mesh, next(batches))
 
         def next_batch():
-            return fixed if data == "synthetic" else parallel.global_batch(trainer.mesh, next(batches))
+            return parallel.global_batch(trainer.mesh, next(batches)) if data == "pipeline" else fixed
 
         started, cache_before = time.perf_counter(), compilation_cache.stats()
         lowered = trainer.train_step.lower(trainer.state, fixed)
@@ -100,8 +117,22 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
         for _ in range(steps):  # as fit() runs: dispatch overlaps the previous step (and host loading)
             state, logs = step(state, next_batch())
         jax.block_until_ready(logs)
-        window_s = time.perf_counter() - started
+        window_s, window_steps = time.perf_counter() - started, steps
         loss = float(logs["train/loss"])
+        index_ms, steps_per_call = None, 1
+        if data == "device":  # fit's own calls: steps_per_call steps each, batches gathered on the device
+            trainer.state = state
+            stream, call = trainer._train_calls()
+            steps_per_call = trainer.steps_per_call
+            calls = -(-steps // steps_per_call)
+            jax.block_until_ready(call(steps_per_call))
+            started = time.perf_counter()
+            for _ in range(calls):
+                logs = call(steps_per_call)
+            jax.block_until_ready(logs)
+            window_s, window_steps = time.perf_counter() - started, calls * steps_per_call
+            index_ms = _index_ms(stream, max(steps, 20))
+            state = trainer.state
         if profile:  # a few more steps under the profiler: a TensorBoard/Perfetto trace in ``profile``
             with jax.profiler.trace(profile, create_perfetto_trace=True):
                 for _ in range(min(steps, 5)):
@@ -129,12 +160,14 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
         "step_ms_min": min(synced) * 1e3,
         "step_ms_max": max(synced) * 1e3,
         "img_s_median_step": t.batch_size / step_s,
-        "img_s": steps * t.batch_size / window_s,
+        "img_s": window_steps * t.batch_size / window_s,
+        "steps_per_call": steps_per_call,
         "model_tflops_per_step": flops / 1e12,
         "xla_cost_analysis_tflops_per_device": xla_flops / 1e12,
         "peak_tflops_per_device": peak,
         "mfu": mfu,
         "peak_memory_bytes": _peak_memory(devices),
+        "index_ms": index_ms,
         "final_loss": loss,
         "devices": len(devices),
         "batch_stats": cfg.parallel.batch_stats,

@@ -1,9 +1,10 @@
 """Host input pipeline: a random-access data source -> grain -> this host's slice of each global batch.
 
-The training stream is ``source.shuffle(seed).repeat()`` (a new permutation every epoch) cut into
-global batches; global batch ``s`` holds stream elements ``[s*B, (s+1)*B)`` whatever the number of
+The training stream is :class:`~prism.framework.order.TrainOrder`'s (a new permutation every epoch) cut
+into global batches; global batch ``s`` holds stream elements ``[s*B, (s+1)*B)`` whatever the number of
 hosts, and each host loads its contiguous block of it. The pipeline is therefore a pure function of
-(seed, step): the grain iterator state saved in checkpoints restores the exact position.
+(seed, step), the same as the device path's (``loader.placement=device``): the grain iterator state saved
+in checkpoints restores the exact position.
 
 Evaluation walks a split once, in order, padding the last global batch with copies of the first
 example and a ``_valid`` mask so that no example is dropped or counted twice.
@@ -11,6 +12,7 @@ example and a ``_valid`` mask so that no example is dropped or counted twice.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import grain
 import numpy as np
 
 from prism.framework.errors import DataError
+from prism.framework.order import TrainOrder
 from prism.framework.parallel import HostSlice
 
 VALID_KEY = "_valid"
@@ -48,20 +51,35 @@ def to_iter(ds: grain.MapDataset, *, workers: int, threads: int, prefetch: int) 
     return it
 
 
-def train_dataset(
-    split: Sequence, *, global_batch: int, host: HostSlice, seed: int, shuffle: bool = True
-) -> grain.MapDataset:
-    """Infinite map dataset whose element ``s`` is this host's part of global batch ``s``."""
+class _Stream:
+    """The training stream as a random-access source: element ``e`` is the example ``order`` puts there."""
+
+    def __init__(self, split: Sequence, order: TrainOrder) -> None:
+        self.split, self.order = split, order
+
+    def __len__(self) -> int:
+        return sys.maxsize  # infinite, as grain's repeat()
+
+    def __getitem__(self, element: int) -> dict[str, np.ndarray]:
+        return as_numpy(self.split[self.order.example(element)])
+
+
+def check_train_split(split: Sequence, global_batch: int) -> None:
     check_split(split, "training")
     if len(split) < global_batch:
         raise DataError(
             f"the training split has {len(split)} examples, fewer than one global batch ({global_batch}); "
             f"lower train.batch_size"
         )
-    ds = grain.MapDataset.source(split)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat().map(as_numpy)
+
+
+def train_dataset(
+    split: Sequence, *, global_batch: int, host: HostSlice, seed: int, shuffle: bool = True
+) -> grain.MapDataset:
+    """Infinite map dataset whose element ``s`` is this host's part of global batch ``s``."""
+    check_train_split(split, global_batch)
+    order = TrainOrder(len(split), global_batch=global_batch, host=host, seed=seed, shuffle=shuffle)
+    ds = grain.MapDataset.source(_Stream(split, order))
     ds = ds.batch(host.per_host_batch, drop_remainder=True)
     return ds[host.index :: host.count]
 

@@ -125,6 +125,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXES))
 
 
+def steps_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of several steps' batches stacked on a leading step axis: the batch axis (the second) split
+    over every device of the mesh."""
+    return NamedSharding(mesh, P(None, DATA_AXES))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

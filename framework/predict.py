@@ -26,7 +26,8 @@ from prism.framework import parallel
 from prism.framework.data import VALID_KEY, eval_batches
 from prism.framework.errors import DataError
 from prism.framework.evaluate import load_run
-from prism.framework.train import Trainer, _cast_floats, prepare_images
+from prism.framework.steps import cast_floats, prepare_images
+from prism.framework.train import Trainer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PREDICTIONS_FILE = "predictions.json"
@@ -64,7 +65,7 @@ def _predict_step(trainer: Trainer):
 
     def step(state, batch):
         params = state.ema_params if state.ema_params is not None else state.params
-        params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
+        params = cast_floats(params, dtype) if dtype != jnp.float32 else params
         system = nnx.merge(graphdef, params, state.rest, copy=True)
         outputs = task.predict_outputs(system.model, prepare_images(batch, info, dtype))
         return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in outputs.items()}

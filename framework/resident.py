@@ -6,10 +6,11 @@ A batch is then a gather on the device (``jnp.take`` by example index) instead o
 collate and host-to-device copy every step; only the batch's example indices (a few hundred int32) go
 from host to device.
 
-The indices come from the same grain pipeline as the host path (:func:`prism.framework.data.train_dataset`
-over a source whose examples are their own index), so both placements see the same permutation, a pure
-function of (seed, epoch): ``host`` and ``device`` give the same losses, and the index iterator's state
-in the checkpoint resumes the exact position after a kill.
+The indices come from the training order the host path reads too (:class:`prism.framework.order.TrainOrder`),
+so both placements see the same permutation, a pure function of (seed, epoch): ``host`` and ``device`` give
+the same losses, and the index stream's position in the checkpoint resumes the exact order after a kill.
+Several steps' indices go to the devices at once (:meth:`ResidentSplit.step_indices`) for a call that runs
+those steps with the gather inside (:func:`prism.framework.steps.multi_step`).
 
 Replicated rather than sharded over the data axis: every device gathers any example without
 communication, at the cost of one copy of the split per device (``loader.device_memory_fraction``
@@ -27,26 +28,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prism.framework import parallel
-from prism.framework.data import VALID_KEY, as_numpy, check_split, to_iter, train_dataset
+from prism.framework.data import VALID_KEY, as_numpy, check_split, check_train_split, to_iter
 from prism.framework.errors import DataError
+from prism.framework.order import IndexStream, TrainOrder
 from prism.framework.parallel import HostSlice
 
 INDEX_KEY = "index"
 #: Examples read per host batch while stacking a split (read by ``threads`` grain threads).
 _STACK_BATCH = 1024
-
-
-class ExampleIndices:
-    """A source of ``len(split)`` examples whose only field is their own index (for the index stream)."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {INDEX_KEY: np.asarray(index, np.int32)}
 
 
 def stack_split(split: Sequence, *, threads: int = 2, what: str = "training") -> dict[str, np.ndarray]:
@@ -106,6 +95,12 @@ class ResidentSplit:
         index = parallel.global_batch(self.mesh, {INDEX_KEY: np.asarray(host_indices, np.int32)})[INDEX_KEY]
         return self._gather(self.arrays, index)
 
+    def step_indices(self, host_indices: np.ndarray) -> jax.Array:
+        """``[steps, global batch]`` example indices, sharded as the batches they select, from this host's
+        ``[steps, per-host batch]`` block (and the other hosts' own)."""
+        return jax.make_array_from_process_local_data(parallel.steps_batch_sharding(self.mesh),
+                                                      np.asarray(host_indices, np.int32))
+
     def eval_batches(self, *, global_batch: int, host: HostSlice, max_batches: int = 0
                      ) -> Iterator[tuple[dict[str, jax.Array], np.ndarray]]:
         """``(global batch, this host's validity mask)`` over the whole split in order, the last batch padded
@@ -120,12 +115,12 @@ class ResidentSplit:
             yield self.batch(np.where(valid, index, 0)), valid
 
 
-def train_index_iterator(length: int, *, global_batch: int, host: HostSlice, seed: int, shuffle: bool = True,
-                         threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
-    """The host path's training stream over example indices: element ``s`` is ``{"index": ...}`` for this
-    host's part of global batch ``s`` (checkpointable like the host path's iterator)."""
-    ds = train_dataset(ExampleIndices(length), global_batch=global_batch, host=host, seed=seed, shuffle=shuffle)
-    return iter(to_iter(ds, workers=0, threads=min(threads, 1), prefetch=prefetch))
+def train_index_stream(split: Sequence, *, global_batch: int, host: HostSlice, seed: int,
+                       shuffle: bool = True) -> IndexStream:
+    """The host path's training order over example indices: ``next()`` is this host's part of the next global
+    batch (checkpointable like the host path's iterator)."""
+    check_train_split(split, global_batch)
+    return IndexStream(TrainOrder(len(split), global_batch=global_batch, host=host, seed=seed, shuffle=shuffle))
 
 
-__all__ = ["INDEX_KEY", "VALID_KEY", "ResidentSplit", "choose_placement", "stack_split", "train_index_iterator"]
+__all__ = ["INDEX_KEY", "VALID_KEY", "ResidentSplit", "choose_placement", "stack_split", "train_index_stream"]

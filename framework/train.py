@@ -20,12 +20,11 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +39,8 @@ from prism.framework.logging import MetricLogger, plot_curves
 from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
-from prism.framework.resident import ResidentSplit, choose_placement, train_index_iterator
+from prism.framework.resident import ResidentSplit, choose_placement, train_index_stream
+from prism.framework.steps import TrainState, make_eval_step, make_train_step, multi_step
 from prism.framework.timing import Phases, TimeTo, process_seconds
 
 RESULT_FILE = "result.json"
@@ -54,6 +54,9 @@ PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 RUN_ONCE = {"xla_backend_optimization_level": 0}
 #: Training images a :class:`~prism.framework.api.DataInitialized` model sees at initialization.
 DATA_INIT_EXAMPLES = 5000
+#: Training steps per call on the device path when ``train.steps_per_call`` is 0 (a call also ends at every
+#: evaluation and checkpoint); enough that dispatch and the host's bookkeeping vanish beside the steps.
+AUTO_STEPS_PER_CALL = 64
 
 
 def _run_once_options() -> dict | None:
@@ -68,17 +71,6 @@ class System(nnx.Module):
         self.objective = objective
 
 
-class TrainState(NamedTuple):
-    """Everything that changes during training; a pytree of arrays, checkpointed as a whole."""
-
-    step: jax.Array  # micro-steps taken (one per batch)
-    params: Any  # nnx.State of nnx.Param variables (fp32)
-    rest: Any  # all other NNX state: BatchNorm statistics, RNG streams, EMA targets, ...
-    opt_state: Any
-    ema_params: Any  # parameter EMA (or None)
-    bad_step: jax.Array  # first step (1-based, as logged) whose loss was not finite (-1: none)
-
-
 def _build_plugin(registry, section: DictConfig, optional: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """Build ``section``'s plugin with ``kwargs``, plus those of ``optional`` its builder declares."""
     entry = registry.get(section.name)
@@ -91,20 +83,6 @@ def _build_plugin(registry, section: DictConfig, optional: dict[str, Any] | None
     return entry.builder(plugin_config(section), **kwargs)
 
 
-def _cast_floats(tree: Any, dtype) -> Any:
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    """Whether every floating-point value of ``tree`` is finite (BatchNorm statistics, EMA targets, ...)."""
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
-
-
-def _restore_dtypes(tree: Any, like: Any) -> Any:
-    return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
-
-
 def _set_compute_dtype(system: nnx.Module, dtype) -> None:
     """Make every flax layer compute in ``dtype`` (their ``dtype`` attribute; parameters and BatchNorm
     statistics keep their float32 storage). Without it a layer infers its dtype by promotion, and
@@ -112,21 +90,6 @@ def _set_compute_dtype(system: nnx.Module, dtype) -> None:
     for _, module in nnx.iter_modules(system):
         if hasattr(module, "dtype") and hasattr(module, "param_dtype"):
             module.dtype = dtype
-
-
-def prepare_images(batch: dict, info: DataInfo, dtype, pipeline: Pipeline | None = None,
-                   key: jax.Array | None = None) -> dict:
-    """uint8 images -> floats in [0, 1] -> ``pipeline`` (augmentations, then the dataset's mean/std
-    normalization when it gives one) -> ``dtype``. Without a pipeline: normalization only."""
-    batch = dict(batch)
-    image = batch["image"]
-    if jnp.issubdtype(image.dtype, jnp.integer):
-        image = image.astype(jnp.float32) / 255.0
-    batch["image"] = image.astype(jnp.float32)
-    pipeline = pipeline or Pipeline([], info.mean, info.std)
-    batch = pipeline(batch, key if key is not None else jax.random.key(0))
-    batch["image"] = batch["image"].astype(dtype)
-    return batch
 
 
 def total_steps(cfg: DictConfig, train_size: int) -> tuple[int, float]:
@@ -287,76 +250,38 @@ class Trainer:
             self.state = self.state._replace(ema_params=self.state.params)
 
     def _compile_steps(self) -> None:
-        cfg, info, task = self.cfg, self.info, self.task
-        graphdef = self.graphdef
-        tx, schedule, accum = self.optimizer.tx, self.optimizer.schedule, self.accum
-        dtype, ema_decay = self.compute_dtype, cfg.train.ema_decay
-        base_key = jax.random.key(cfg.seed + 1)
-        train_pipeline = Pipeline.from_config(cfg.augment.ops, mean=info.mean, std=info.std)
-        view_pipelines = [Pipeline.from_config(ops, mean=info.mean, std=info.std, where=f"augment.views[{i}]")
-                          for i, ops in enumerate(cfg.augment.views)]
-
-        def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-            key, aug_key = jax.random.split(jax.random.fold_in(base_key, state.step))
-            views = [prepare_images(batch, info, dtype, view, jax.random.fold_in(aug_key, 1 + i))["image"]
-                     for i, view in enumerate(view_pipelines)]
-            batch = prepare_images(batch, info, dtype, train_pipeline, aug_key)
-            if views:
-                batch["views"] = views
-
-            def loss_fn(params):
-                compute_params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
-                system = nnx.merge(graphdef, compute_params, state.rest, copy=True)
-                loss, metrics = system.objective(system.model, batch, key)
-                _, _, new_rest = nnx.split(system, nnx.Param, ...)
-                return loss.astype(jnp.float32), (metrics, new_rest)
-
-            (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            new_rest = _restore_dtypes(new_rest, state.rest)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            grad_norm = optax.tree.norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_rest)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-            params, opt_state, new_rest = keep(params, state.params), keep(opt_state, state.opt_state), keep(
-                new_rest, state.rest)
-            ema = state.ema_params
-            if ema is not None:  # once per optimizer update (not per accumulated micro-batch)
-                updated = (state.step + 1) % accum == 0
-                ema = jax.tree.map(lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
-                                   ema, params)
-            bad = jnp.where((state.bad_step < 0) & ~finite, state.step + 1, state.bad_step)
-            new_state = TrainState(state.step + 1, params, new_rest, opt_state, ema, bad)
-            logs = {"train/loss": loss, "train/grad_norm": grad_norm,
-                    "train/lr": schedule(state.step // accum),
-                    **{f"train/{k}": v for k, v in metrics.items()}}
-            return new_state, logs
-
+        cfg, info = self.cfg, self.info
+        pipeline = Pipeline.from_config(cfg.augment.ops, mean=info.mean, std=info.std)
+        views = [Pipeline.from_config(ops, mean=info.mean, std=info.std, where=f"augment.views[{i}]")
+                 for i, ops in enumerate(cfg.augment.views)]
+        step = make_train_step(self.graphdef, self.optimizer, info, dtype=self.compute_dtype, seed=cfg.seed,
+                               accum=self.accum, ema_decay=cfg.train.ema_decay, pipeline=pipeline,
+                               view_pipelines=views)
         replicated = parallel.replicated(self.mesh)
-        self.train_step = jax.jit(train_step, donate_argnums=0,
-                                  out_shardings=(self.state_shardings, replicated))
+        self.train_step = jax.jit(step, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
+        self.steps_per_call = self._steps_per_call()
+        steps = multi_step(step, max_steps=self.steps_per_call, batch_sharding=parallel.batch_sharding(self.mesh))
+        #: the device path's training call: several steps, each gathering its batch from the resident split
+        self.train_steps = jax.jit(steps, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
         self._eval_steps: dict[int, tuple[Task, Callable]] = {}  # id(task) -> (task, kept alive: ids stay unique)
-        self.eval_step = self._eval_step_for(task)
+        self.eval_step = self._eval_step_for(self.task)
+
+    def _steps_per_call(self) -> int:
+        """``train.steps_per_call``, or its automatic value: 1 on the host path (each batch comes from the host
+        anyway), on the device path ``AUTO_STEPS_PER_CALL`` capped by the run's length."""
+        asked = self.cfg.train.steps_per_call
+        if self.placement != "device":
+            if asked > 1:
+                raise ConfigError(f"train.steps_per_call={asked} needs the examples on the device "
+                                  f"(loader.placement=device); the host path runs one step per call")
+            return 1
+        return min(asked or AUTO_STEPS_PER_CALL, self.micro_steps)
 
     def _eval_step_for(self, task: Task) -> Callable:
         """The jitted evaluation step of ``task`` (the run's own, or another task on the same model)."""
         if id(task) in self._eval_steps:
             return self._eval_steps[id(task)][1]
-        info, dtype, eval_graphdef = self.info, self.compute_dtype, self.eval_graphdef
-
-        def eval_step(state: TrainState, batch: dict) -> tuple[dict, dict]:
-            """(the task's per-example outputs, the objective's: see ``Objective.eval_outputs``)."""
-            params = state.ema_params if state.ema_params is not None else state.params
-            compute_params = _cast_floats(params, dtype) if dtype != jnp.float32 else params
-            system = nnx.merge(eval_graphdef, compute_params, state.rest, copy=True)
-            batch = prepare_images(batch, info, dtype)
-            outputs = task.eval_outputs(system.model, batch)
-            objective_outputs = getattr(system.objective, "eval_outputs", None)
-            extra = objective_outputs(system.model, batch) if objective_outputs is not None else {}
-            as_f32 = lambda out: {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v  # noqa: E731
-                                  for k, v in out.items()}
-            return as_f32(outputs), as_f32(extra)
-
+        eval_step = make_eval_step(self.eval_graphdef, task, self.info, dtype=self.compute_dtype)
         step = jax.jit(eval_step, out_shardings=parallel.batch_sharding(self.mesh))
         self._eval_steps[id(task)] = (task, step)
         return step
@@ -370,20 +295,59 @@ class Trainer:
             self._resident[split_name] = ResidentSplit(split, self.mesh, threads=self.cfg.loader.threads, what=what)
         return self._resident[split_name]
 
-    def _train_batches(self):
-        """``(checkpointable iterator, next_batch)``: the host pipeline, or on the device path the same
-        stream of example indices and a gather from the resident training split."""
+    def _train_calls(self):
+        """``(checkpointable data iterator, call)``: ``call(count)`` runs the next ``count`` training steps on
+        ``self.state`` and returns their logs, still on the device (``[steps_per_call]`` rows per name when
+        ``steps_per_call`` > 1, else one step's values; ``count`` is then 1). The several-step program is
+        compiled here (in the ``compile`` phase), the one-step program by its first call."""
         cfg, t = self.cfg, self.cfg.train
-        if self.placement == "device":
+        if self.placement != "device":
+            with self.phases("prepare"):
+                data_iter = train_iterator(self.train_split, global_batch=t.batch_size, host=self.host,
+                                           seed=cfg.seed, shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
+                                           threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
+
+            def host_call(count: int) -> dict:
+                self.state, logs = self.train_step(self.state, parallel.global_batch(self.mesh, next(data_iter)))
+                return logs
+
+            return data_iter, host_call
+        with self.phases("prepare"):
             resident = self.resident(cfg.dataset.train_split)
             self.resident(cfg.dataset.eval_split)  # decoded now: in prepare_s, not in the first evaluation
-            data_iter = train_index_iterator(len(self.train_split), global_batch=t.batch_size, host=self.host,
-                                             seed=cfg.seed, shuffle=cfg.loader.shuffle, prefetch=cfg.loader.prefetch)
-            return data_iter, lambda: resident.batch(next(data_iter)["index"])
-        data_iter = train_iterator(self.train_split, global_batch=t.batch_size, host=self.host, seed=cfg.seed,
-                                   shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
-                                   threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
-        return data_iter, lambda: parallel.global_batch(self.mesh, next(data_iter))
+        stream = train_index_stream(self.train_split, global_batch=t.batch_size, host=self.host, seed=cfg.seed,
+                                    shuffle=cfg.loader.shuffle)
+        rows = self.steps_per_call
+
+        def indices(count: int) -> jax.Array:
+            block = np.zeros((rows, self.host.per_host_batch), np.int32)  # rows past count: never read
+            block[:count] = stream.take(count)
+            return resident.step_indices(block)
+
+        if rows == 1:  # one step per call: the host path's very program, on a batch gathered apart
+
+            def gather_call(count: int) -> dict:
+                self.state, logs = self.train_step(self.state, resident.batch(next(stream)))
+                return logs
+
+            return stream, gather_call
+        with self.phases("compile"):
+            compiled = self.train_steps.lower(self.state, resident.arrays, indices(0), np.int32(0)).compile()
+
+        def device_call(count: int) -> dict:
+            self.state, logs = compiled(self.state, resident.arrays, indices(count), np.int32(count))
+            return logs
+
+        return stream, device_call
+
+    def _call_length(self, step: int) -> int:
+        """Steps of the call that starts after ``step``: up to ``steps_per_call``, ending at the next evaluation,
+        checkpoint or the last step (boundaries counted from step 0, so a resumed run makes the same calls)."""
+        if self.steps_per_call == 1:
+            return 1
+        after = lambda every: (step // every + 1) * every  # noqa: E731  (the next multiple of ``every``)
+        save_every = self.cfg.checkpoint.every or self.eval_every
+        return min(step + self.steps_per_call, after(self.eval_every), after(save_every), self.micro_steps) - step
 
     def _device_batches(self, split_name: str, max_batches: int):
         """``(global batch, this host's validity mask)`` over a resident split."""
@@ -524,12 +488,27 @@ class Trainer:
                 "time_to": time_to.reached, "stopped_at": stopped_at,
                 "loop_images_per_s": round(float(np.median(steady)), 1) if steady else None}
 
+    def _log_call(self, logger: MetricLogger, logs: dict, first: int, count: int) -> tuple[dict, float] | None:
+        """Write the logged steps among ``first+1 .. first+count`` (every ``train.log_every``-th and the last)
+        from the call's ``logs``; returns the last one written and the images/s (None when none was due)."""
+        due = [s for s in range(first + 1, first + count + 1) if s % self.cfg.train.log_every == 0
+               or s == self.micro_steps]
+        if not due:
+            return None
+        fetched = jax.device_get(logs)  # the only sync between calls
+        stacked = self.steps_per_call > 1
+        rows = [{k: float(v[s - first - 1] if stacked else v) for k, v in fetched.items()} for s in due]
+        self._check_finite()
+        rate = logger.progress(first + count, loss=rows[-1]["train/loss"], images_per_step=self.cfg.train.batch_size)
+        for s, row in zip(due, rows, strict=True):
+            logger.write(s, {**row, "train/images_per_s": rate})
+        return rows[-1], rate
+
     def fit(self) -> dict:
         """Train to the configured number of steps; returns (and writes) the run's ``result.json``."""
         cfg, t = self.cfg, self.cfg.train
         started = time.perf_counter()
-        with self.phases("prepare"):
-            data_iter, next_batch = self._train_batches()
+        data_iter, train_call = self._train_calls()  # timed inside: prepare (and compile on the device path)
         if cfg.checkpoint.enabled:
             self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         start = self._maybe_resume(data_iter)
@@ -543,7 +522,8 @@ class Trainer:
         elif self.pretrained is not None:
             logger.message(self.pretrained.summary())
         status, step, eval_metrics, last_logged = "completed", start, {}, {}
-        phases, rates, first_step_at, stopped_at = self.phases, [], None, None
+        phases, rates, stopped_at = self.phases, [], None
+        first_step_at = time.perf_counter() if self.steps_per_call > 1 else None  # compiled already
         time_to = TimeTo(t.time_to, cfg.checkpoint.best_mode)
         if start >= self.micro_steps:  # a finished run: report its final evaluation again
             with phases("eval"):
@@ -551,20 +531,19 @@ class Trainer:
         save_every = cfg.checkpoint.every
         try:
             with _Preemption() as preemption:
-                for step in range(start + 1, self.micro_steps + 1):
+                while step < self.micro_steps:
+                    count = self._call_length(step)
                     with phases("train" if first_step_at is not None else "compile"):
-                        self.state, logs = self.train_step(self.state, next_batch())
-                        if first_step_at is None:  # the first call compiles: time it apart from training
+                        logs = train_call(count)
+                        if first_step_at is None:  # the host path's first call compiles: timed apart
                             jax.block_until_ready(self.state)
                             first_step_at = time.perf_counter()
-                        last = step == self.micro_steps
-                        if step % t.log_every == 0 or last:
-                            last_logged = {k: float(v) for k, v in jax.device_get(logs).items()}
-                            self._check_finite()
-                            rate = logger.progress(step, loss=last_logged["train/loss"],
-                                                   images_per_step=t.batch_size)
-                            rates.append(rate)
-                            logger.write(step, {**last_logged, "train/images_per_s": rate})
+                        logged = self._log_call(logger, logs, step, count)
+                    step += count
+                    last = step == self.micro_steps
+                    if logged is not None:
+                        last_logged, rate = logged
+                        rates.append(rate)
                     evaluated = step % self.eval_every == 0 or last
                     if evaluated:
                         with phases("eval"):
