@@ -59,6 +59,15 @@ class DataSource(Protocol):
 
 
 @runtime_checkable
+class StackableSplit(Protocol):
+    """A split that hands over all its examples as one array per key faster than reading them one by one (a
+    decoded copy it keeps on disk, say). The device path (``loader.placement=device``) uses it when a split
+    offers it; ``threads`` is how many reader threads it may use when it must read the examples after all."""
+
+    def stacked(self, *, threads: int) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
 class DataInitialized(Protocol):
     """A model that sets some of its weights from training data after initialization (a first layer whitened
     from image patches, say). The core calls ``fit_to_data`` once, before training starts from scratch (not on

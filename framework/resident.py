@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prism.framework import parallel
+from prism.framework.api import StackableSplit
 from prism.framework.data import VALID_KEY, as_numpy, check_split, check_train_split, to_iter
 from prism.framework.errors import DataError
 from prism.framework.order import IndexStream, TrainOrder
@@ -39,12 +40,20 @@ _STACK_BATCH = 1024
 
 
 def stack_split(split: Sequence, *, threads: int = 2, what: str = "training") -> dict[str, np.ndarray]:
-    """Every example of ``split`` as one array per key; :class:`~prism.framework.errors.DataError` when the
+    """Every example of ``split`` as one array per key (from the split itself when it is a
+    :class:`~prism.framework.api.StackableSplit`); :class:`~prism.framework.errors.DataError` when the
     examples' shapes differ (such data stays on the host path)."""
     check_split(split, what)
+    if isinstance(split, StackableSplit):
+        return split.stacked(threads=threads)
+    return stack_examples(split, threads=threads, what=what)
+
+
+def stack_examples(split: Sequence, *, threads: int = 2, what: str = "training") -> dict[str, np.ndarray]:
+    """:func:`stack_split` by reading every example (grain, ``threads`` reader threads)."""
     ds = grain.MapDataset.source(split).map(as_numpy)
     try:
-        batches = list(to_iter(ds.batch(_STACK_BATCH), workers=0, threads=threads, prefetch=2))
+        batches = list(to_iter(ds.batch(_STACK_BATCH), workers=0, threads=threads, prefetch=max(threads, 2)))
     except ValueError as error:  # grain's collate: arrays of different shapes cannot be stacked
         raise DataError(f"the {what} split's examples do not all have one shape, so it cannot be kept on the "
                         f"device (loader.placement=device); use loader.placement=host ({error})") from None
@@ -123,4 +132,5 @@ def train_index_stream(split: Sequence, *, global_batch: int, host: HostSlice, s
     return IndexStream(TrainOrder(len(split), global_batch=global_batch, host=host, seed=seed, shuffle=shuffle))
 
 
-__all__ = ["INDEX_KEY", "VALID_KEY", "ResidentSplit", "choose_placement", "stack_split", "train_index_stream"]
+__all__ = ["INDEX_KEY", "VALID_KEY", "ResidentSplit", "choose_placement", "stack_examples", "stack_split",
+           "train_index_stream"]

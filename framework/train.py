@@ -149,7 +149,10 @@ class Trainer:
             self.eval_split = self.source.split(cfg.dataset.eval_split)
             self.placement = choose_placement(cfg.loader.placement, [self.train_split, self.eval_split],
                                               cfg.loader.device_memory_fraction)
-        self._resident: dict[str, ResidentSplit] = {}  # split name -> its examples on the devices
+            self._resident: dict[str, ResidentSplit] = {}  # split name -> its examples on the devices
+            if self.placement == "device" and initialize:  # before init: a data-fitted model reads them there
+                self.resident(cfg.dataset.train_split)
+                self.resident(cfg.dataset.eval_split)
         self.task = self.build_task(cfg.task)
 
         t = cfg.train
@@ -241,7 +244,11 @@ class Trainer:
         if not isinstance(system.model, DataInitialized):
             return
         count = min(len(self.train_split), DATA_INIT_EXAMPLES)
-        images = np.stack([np.asarray(self.train_split[i]["image"]) for i in range(count)])
+        resident = self._resident.get(self.cfg.dataset.train_split)
+        if resident is not None:  # decoded already: read back from the devices
+            images = np.asarray(jax.device_get(resident.arrays["image"][:count]))
+        else:
+            images = np.stack([np.asarray(self.train_split[i]["image"]) for i in range(count)])
         system.model.fit_to_data(images)
         _, params, rest = nnx.split(system, nnx.Param, ...)
         self.state = self.state._replace(params=jax.device_put(params, self.state_shardings.params),
@@ -312,7 +319,7 @@ class Trainer:
                 return logs
 
             return data_iter, host_call
-        with self.phases("prepare"):
+        with self.phases("prepare"):  # kept on the devices already, unless built without initializing
             resident = self.resident(cfg.dataset.train_split)
             self.resident(cfg.dataset.eval_split)  # decoded now: in prepare_s, not in the first evaluation
         stream = train_index_stream(self.train_split, global_batch=t.batch_size, host=self.host, seed=cfg.seed,

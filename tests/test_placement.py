@@ -110,3 +110,25 @@ def test_auto_placement(monkeypatch):
     assert resident.choose_placement("auto", [split, split], 0.25) == "host"  # 39,200 > 25,000
     assert resident.choose_placement("host", [split], 0.25) == "host"
     assert resident.choose_placement("auto", [[]], 0.25) == "host"
+
+
+def test_a_tfds_split_keeps_its_decoded_copy_for_the_next_run(tmp_path):
+    from prism.framework.optim import plugin_config
+    from prism.framework.registry import DATASETS
+
+    def train_split():
+        cfg = compose(["dataset=digits", "dataset.cache=false", f"dataset.data_dir={tmp_path}"])
+        return DATASETS.get("digits").builder(plugin_config(cfg.dataset)).split(cfg.dataset.train_split)
+
+    split = train_split()
+    read = resident.stack_examples(split)
+    assert split.cache_dir is not None and not split.cache_dir.exists()
+    first = resident.stack_split(split)  # read example by example, then kept
+    assert (split.cache_dir / "meta.json").is_file()
+    assert set(first) == set(read) == {"image", "label"}
+    for key in read:
+        np.testing.assert_array_equal(first[key], read[key])
+    np.save(split.cache_dir / "label.npy", read["label"][::-1])  # marks the copy: the next read must be it
+    again = resident.stack_split(train_split())
+    np.testing.assert_array_equal(again["label"], read["label"][::-1])
+    np.testing.assert_array_equal(again["image"], read["image"])

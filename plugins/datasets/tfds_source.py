@@ -39,6 +39,7 @@ from PIL import Image
 from prism.framework.api import DataInfo
 from prism.framework.errors import ConfigError, DataError
 from prism.framework.registry import DATASETS
+from prism.framework.resident import stack_examples
 
 log = logging.getLogger("prism")
 
@@ -232,12 +233,29 @@ class ClassificationExample:
         return {"image": fit_image(np.asarray(example[self.image_key]), self.size),
                 "label": np.asarray(example[self.label_key], dtype=np.int32)}
 
+    def cache_key(self) -> str:
+        """What the converted examples depend on besides the stored ones (names a decoded copy)."""
+        size = "x".join(map(str, self.size)) if self.size else "stored"
+        return f"classification-{self.image_key}-{self.label_key}-{size}"
+
+
+#: The folder, inside a prepared TFDS variant, of the decoded copies of its splits (see ``MappedSplit.stacked``).
+STACKED_DIR = "prism_stacked"
+#: Bumped when the layout of a decoded copy changes; older copies are then ignored (and rewritten).
+STACKED_FORMAT = 1
+
 
 class MappedSplit(Sequence):
-    """Random access to a TFDS data source with each example converted by ``convert``."""
+    """Random access to a TFDS data source with each example converted by ``convert``.
 
-    def __init__(self, source: Sequence, convert: Callable[[Mapping[str, Any]], Example]) -> None:
-        self.source, self.convert = source, convert
+    :meth:`stacked` (the device path's read of a whole split) decodes the split once and keeps that copy
+    next to the prepared data, in ``cache_dir``: reading 60,000 CIFAR-10 JPEGs one by one through TFDS and
+    PIL costs ~300 us each on the host, loading the decoded arrays back a fraction of a second.
+    """
+
+    def __init__(self, source: Sequence, convert: Callable[[Mapping[str, Any]], Example],
+                 cache_dir: Path | None = None) -> None:
+        self.source, self.convert, self.cache_dir = source, convert, cache_dir
 
     def __len__(self) -> int:
         return len(self.source)
@@ -246,6 +264,42 @@ class MappedSplit(Sequence):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a split of {len(self)} examples")
         return self.convert(self.source[index % len(self)])
+
+    def stacked(self, *, threads: int = 2) -> dict[str, np.ndarray]:
+        """Every example as one array per key: the decoded copy in ``cache_dir`` when there is one (written
+        after the first read; a directory it cannot write to only costs the copy)."""
+        loaded = self._load_stacked()
+        if loaded is not None:
+            return loaded
+        arrays = stack_examples(self, threads=threads)
+        if self.cache_dir is not None:
+            self._save_stacked(arrays)
+        return arrays
+
+    def _load_stacked(self) -> dict[str, np.ndarray] | None:
+        meta_file = self.cache_dir / "meta.json" if self.cache_dir is not None else None
+        if meta_file is None or not meta_file.is_file():
+            return None
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != STACKED_FORMAT or meta.get("length") != len(self):
+            return None
+        return {key: np.load(self.cache_dir / f"{key}.npy") for key in meta["keys"]}
+
+    def _save_stacked(self, arrays: dict[str, np.ndarray]) -> None:
+        partial = self.cache_dir.with_name(f"{self.cache_dir.name}.partial-{os.getpid()}")
+        try:
+            partial.mkdir(parents=True, exist_ok=True)
+            for key, value in arrays.items():
+                np.save(partial / f"{key}.npy", value)
+            meta = {"format": STACKED_FORMAT, "length": len(self), "keys": sorted(arrays)}
+            (partial / "meta.json").write_text(json.dumps(meta))
+            os.replace(partial, self.cache_dir)  # atomic: a reader sees the whole copy or none
+        except OSError as exc:  # read-only or full data directory, or another run wrote it first
+            log.info("decoded copy of the split not kept in %s: %s", self.cache_dir, exc)
+            for leftover in partial.glob("*") if partial.is_dir() else ():
+                leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.rmdir()
 
 
 class CachedSplit(Sequence):
@@ -347,6 +401,14 @@ class TFDSSource:
             raise ConfigError(f"dataset {self.dataset!r} has no split {name!r}; splits: {splits} "
                               f"(TFDS slicing works too, e.g. 'train[:90%]'){detail}") from None
 
+    def _stacked_dir(self, name: str) -> Path | None:
+        """Where split ``name``'s decoded copy lives, or None when the converter does not name its output."""
+        cache_key = getattr(self.convert, "cache_key", None)
+        if cache_key is None:
+            return None
+        spec = re.sub(r"[^A-Za-z0-9_-]+", "_", name) + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        return Path(str(self.builder.data_dir)) / STACKED_DIR / f"{spec}-{cache_key()}"
+
     def split(self, name: str) -> Sequence[Example]:
         """Random access to split ``name`` (any TFDS split spec) as example dicts of NumPy arrays."""
         if name not in self._splits:
@@ -356,7 +418,7 @@ class TFDSSource:
             except NotImplementedError as exc:
                 raise DataError(f"dataset {self.dataset!r} in {self.builder.data_dir} is not stored as array_record "
                                 f"(prepare it with file_format='array_record'): {exc}") from None
-            split: Sequence[Example] = MappedSplit(source, self.convert)
+            split: Sequence[Example] = MappedSplit(source, self.convert, self._stacked_dir(name))
             self._splits[name] = CachedSplit(split) if self.cache else split
         return self._splits[name]
 
