@@ -50,9 +50,10 @@ class TrainConfig:
         evaluation then uses the EMA parameters.
     weight_decay_skip_1d: exclude biases and normalization parameters (ndim <= 1) from weight decay.
     max_eval_batches: cap on evaluation batches (0: the whole split).
-    steps_per_call: training steps per device dispatch (0: auto, the largest count that divides every
-        log, evaluation, checkpoint and stop boundary, at most 64). Metrics stay on the device between
-        logs; the numbers do not depend on it.
+    steps_per_call: at most this many training steps per device dispatch (0: auto, 64 on the device path,
+        1 on the host path, which needs 1); a call also ends at every evaluation, checkpoint and the last
+        step. Every step's metrics stay on the device and are written at the log steps after the call; the
+        numbers equal one step per call's up to float rounding.
     time_to: evaluation values of ``checkpoint.best_metric`` to time: ``result.json``'s ``time_to``
         gives the seconds (from process start and from the first step) at which each was first reached.
     stop_at: end the run at the first evaluation whose ``checkpoint.best_metric`` reaches this value

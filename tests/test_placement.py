@@ -13,11 +13,11 @@ import pytest
 from conftest import FAST
 
 from prism.framework import resident
-from prism.framework.order import IndexStream, TrainOrder
-from prism.framework.parallel import HostSlice
 from prism.framework.config import compose
 from prism.framework.errors import DataError
 from prism.framework.logging import read_metrics
+from prism.framework.order import IndexStream, TrainOrder
+from prism.framework.parallel import HostSlice
 from prism.framework.train import Trainer
 
 #: eval batch 56 does not divide the digits evaluation split: the last device batch is padded.

@@ -19,7 +19,8 @@ from prism.framework.config import compose
 from prism.framework.errors import ConfigError
 from prism.framework.evaluate import evaluate_run, evaluate_tasks
 from prism.framework.registry import TASKS
-from prism.framework.train import Trainer, _build_plugin, prepare_images
+from prism.framework.steps import prepare_images
+from prism.framework.train import Trainer, _build_plugin
 from prism.plugins.tasks import knn as knn_module
 from prism.plugins.tasks.knn import KNN, KNNConfig, weighted_knn_scores
 from prism.plugins.tasks.linear_probe import LinearProbe, LinearProbeConfig

@@ -19,7 +19,8 @@ from prism.framework.config import compose
 from prism.framework.data import train_iterator
 from prism.framework.errors import ConfigError
 from prism.framework.registry import MODELS
-from prism.framework.train import Trainer, prepare_images
+from prism.framework.steps import prepare_images
+from prism.framework.train import Trainer
 from prism.plugins.objectives._ssl_common import EMATarget
 
 SMALL_HEADS = ["objective.proj_hidden_dim=32", "objective.proj_output_dim=16"]

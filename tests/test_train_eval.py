@@ -12,7 +12,8 @@ from conftest import FAST
 from flax import nnx
 
 from prism.framework.config import compose
-from prism.framework.train import Trainer, prepare_images
+from prism.framework.steps import prepare_images
+from prism.framework.train import Trainer
 
 #: A short run that leaves a model far from constant predictions (so padding errors would show).
 EVAL_RUN = [*FAST, "train.steps=30", "train.eval_every=30", "schedule=constant", "optimizer.lr=0.05",

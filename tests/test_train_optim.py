@@ -27,7 +27,8 @@ from prism.framework.data import train_iterator
 from prism.framework.logging import read_metrics
 from prism.framework.optim import build_optimizer, decay_mask
 from prism.framework.registry import MODELS
-from prism.framework.train import Trainer, prepare_images
+from prism.framework.steps import prepare_images
+from prism.framework.train import Trainer
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.plots=false", "checkpoint.enabled=false"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,22 +84,41 @@ def natural_key(path: Path | str) -> tuple:
     return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path)))
 
 
+def image_paths(folder: str) -> list[str]:
+    """Image files under ``folder`` as strings, unordered (os.scandir: pathlib costs ~35 us a file, 2 s for
+    CIFAR-10; the run-time fingerprint of a folder needs no Path objects)."""
+    found, pending = [], [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(entry.path)
+    return found
+
+
 def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (any depth, hidden ones skipped), in natural order."""
-    return sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)), key=natural_key)
+    return [Path(p) for p in sorted(image_paths(str(folder)), key=natural_key)]
 
 
-def fingerprint(root: Path, files: Iterable[Path]) -> str:
+def fingerprint(root: Path, files: Iterable[Path | str]) -> str:
     """A hash of the files' paths (relative to ``root``), sizes and modification times."""
+    prefix = str(root) + os.sep
+    relative = [(str(f)[len(prefix):] if str(f).startswith(prefix) else str(Path(f).relative_to(root)), str(f))
+                for f in files]
+    relative.sort(key=lambda pair: pair[0].split(os.sep))  # the order of the Path objects it was written for
     digest = hashlib.sha1()
-    for f in sorted(files):
-        st = f.stat()
-        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for rel, path in relative:
+        st = os.stat(path)
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def folder_identity(root: Path, files: Iterable[Path], options: Mapping[str, Any]) -> str:
+def folder_identity(root: Path, files: Iterable[Path | str], options: Mapping[str, Any]) -> str:
     """The TFDS config name of a folder dataset: folder name plus a hash of path, files and options."""
     return short_identity(root.name, {"path": str(root), "files": fingerprint(root, files), **options})
 

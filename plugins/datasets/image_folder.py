@@ -24,6 +24,7 @@ from prism.plugins.datasets._folder_common import (
     encoded_image,
     folder_identity,
     image_files,
+    image_paths,
     natural_key,
     read_header,
     stratified_test_mask,
@@ -113,7 +114,7 @@ def build_image_folder(cfg: ImageFolderConfig) -> TFDSSource:
     corrupt = CorruptImages(cfg.on_corrupt, "image_folder")
     options = {"channels": cfg.channels, "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed,
                "on_corrupt": cfg.on_corrupt}
-    identity = folder_identity(root, image_files(root), options)
+    identity = folder_identity(root, image_paths(str(root)), options)
     builder, prepared_now = load_or_prepare("image_folder", identity, data_dir=cfg.data_dir, version=VERSION,
                                             make_plan=lambda: scan(root, cfg, corrupt))
     if prepared_now:

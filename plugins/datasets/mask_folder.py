@@ -29,6 +29,7 @@ from prism.plugins.datasets._folder_common import (
     encoded_image,
     folder_identity,
     image_files,
+    image_paths,
     random_test_mask,
     read_header,
     require_dir,
@@ -194,7 +195,7 @@ def build_mask_folder(cfg: MaskFolderConfig) -> SegmentationSource:
     corrupt = CorruptImages(cfg.on_corrupt, "mask_folder")
     image_dir = require_dir(root / cfg.images, "dataset.images")
     mask_dir = require_dir(root / cfg.masks, "dataset.masks")
-    files = [*image_files(image_dir), *image_files(mask_dir)]
+    files = [*image_paths(str(image_dir)), *image_paths(str(mask_dir))]
     options = {"channels": cfg.channels, "test_fraction": cfg.test_fraction, "test_count": cfg.test_count,
                "split_seed": cfg.split_seed, "on_corrupt": cfg.on_corrupt, "images": cfg.images, "masks": cfg.masks,
                "num_classes": cfg.num_classes, "class_names": list(cfg.class_names),
