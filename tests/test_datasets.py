@@ -614,3 +614,28 @@ def test_mask_folder_bad_pairs_are_clear_errors(tmp_path, problem, match):
 
 def test_no_tensorflow_was_imported():
     assert "tensorflow" not in sys.modules
+
+
+def test_folder_files_read_on_worker_processes_in_order_with_bad_files_reported(tmp_path):
+    """Preparation reads headers and images on every core (spawned processes); order and errors must hold."""
+    from functools import partial
+
+    from PIL import Image
+
+    from prism.plugins.datasets import _parallel_read as pr
+
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((4 + i, 9 - i, 3), 20 * i, np.uint8)).save(path)
+        paths.append(path)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.insert(3, tmp_path / "bad.png")
+    serial = list(pr.map_ordered(pr.read_header, paths, workers=1))
+    spread = list(pr.map_ordered(pr.read_header, paths, workers=2, chunk=2))
+    assert [ok for ok, _ in spread] == [ok for ok, _ in serial] == [True] * 3 + [False] + [True] * 4
+    assert isinstance(spread[3][1], pr.DECODE_ERRORS)
+    assert [v for ok, v in spread if ok] == [v for ok, v in serial if ok] == [((4 + i, 9 - i), "RGB") for i in range(7)]
+    encoded = list(pr.map_ordered(partial(pr.encoded_image, channels=3), paths, workers=2, chunk=3))
+    assert [v for ok, v in encoded if ok] == [(p.read_bytes(), ((4 + i, 9 - i))) for i, p in enumerate(
+        p for p in paths if p.name != "bad.png")]

@@ -21,13 +21,12 @@ import numpy as np
 from PIL import Image
 
 from prism.framework.errors import ConfigError, DataError
-from prism.plugins.datasets.tfds_source import png_bytes, short_identity
+from prism.plugins.datasets._parallel_read import image_mode
+from prism.plugins.datasets.tfds_source import short_identity
 
 log = logging.getLogger("prism")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-#: Errors PIL raises on files it cannot decode (truncated, not an image, bad header).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -121,27 +120,6 @@ def fingerprint(root: Path, files: Iterable[Path | str]) -> str:
 def folder_identity(root: Path, files: Iterable[Path | str], options: Mapping[str, Any]) -> str:
     """The TFDS config name of a folder dataset: folder name plus a hash of path, files and options."""
     return short_identity(root.name, {"path": str(root), "files": fingerprint(root, files), **options})
-
-
-def image_mode(channels: int) -> str:
-    return "L" if channels == 1 else "RGB"
-
-
-def read_header(path: Path) -> tuple[tuple[int, int], str]:
-    """``((height, width), PIL mode)`` from the file header, without decoding the pixels."""
-    with Image.open(path) as im:
-        return (im.height, im.width), im.mode
-
-
-def encoded_image(path: Path, channels: int) -> tuple[bytes, tuple[int, int]]:
-    """Decode ``path`` fully (so corrupt files are caught here) and return the bytes to store with its
-    (height, width): the file itself when it is a JPEG/PNG already in the wanted mode, else a PNG."""
-    mode = image_mode(channels)
-    with Image.open(path) as im:
-        im.load()
-        if im.format in ("JPEG", "PNG") and im.mode == mode:
-            return path.read_bytes(), (im.height, im.width)
-        return png_bytes(np.asarray(im.convert(mode))), (im.height, im.width)
 
 
 def decode_image(path: Path, channels: int) -> np.ndarray:

@@ -17,18 +17,16 @@ import tensorflow_datasets as tfds
 from prism.framework.errors import DataError
 from prism.framework.registry import DATASETS
 from prism.plugins.datasets._folder_common import (
-    DECODE_ERRORS,
     CorruptImages,
     FolderConfig,
     check_folder_config,
-    encoded_image,
     folder_identity,
     image_files,
     image_paths,
     natural_key,
-    read_header,
     stratified_test_mask,
 )
+from prism.plugins.datasets._parallel_read import encoded_images, headers
 from prism.plugins.datasets.tfds_source import Plan, TFDSSource, load_or_prepare
 
 VERSION = "1.0.0"
@@ -72,12 +70,12 @@ def scan(root: Path, cfg: ImageFolderConfig, corrupt: CorruptImages) -> Plan:
     shapes: set[tuple[int, int]] = set()
     for split, items in labelled.items():
         kept = []
-        for path, label in items:
-            try:
-                shapes.add(read_header(path)[0])
+        for (path, label), (ok, header) in zip(items, headers([p for p, _ in items]), strict=True):
+            if ok:
+                shapes.add(header[0])
                 kept.append((path, label))
-            except DECODE_ERRORS as exc:
-                corrupt.handle(path, exc)
+            else:
+                corrupt.handle(path, header)
         labelled[split] = kept
     if not layout:
         test = stratified_test_mask([label for _, label in labelled["all"]], cfg.test_fraction, cfg.split_seed)
@@ -86,13 +84,12 @@ def scan(root: Path, cfg: ImageFolderConfig, corrupt: CorruptImages) -> Plan:
 
     def examples(items: list[tuple[Path, int]]):
         def generate():
-            for path, label in items:
-                try:
-                    data, _ = encoded_image(path, cfg.channels)
-                except DECODE_ERRORS as exc:
-                    corrupt.handle(path, exc)
+            read = encoded_images([p for p, _ in items], cfg.channels)  # every core, in order
+            for (path, label), (ok, value) in zip(items, read, strict=True):
+                if not ok:
+                    corrupt.handle(path, value)
                     continue
-                yield {"image": data, "label": label, "filename": str(path.relative_to(root))}
+                yield {"image": value[0], "label": label, "filename": str(path.relative_to(root))}
         return generate
 
     height, width = shapes.pop() if len(shapes) == 1 else (None, None)

@@ -22,18 +22,16 @@ from PIL import Image
 from prism.framework.errors import ConfigError, DataError
 from prism.framework.registry import DATASETS
 from prism.plugins.datasets._folder_common import (
-    DECODE_ERRORS,
     CorruptImages,
     FolderConfig,
     check_folder_config,
-    encoded_image,
     folder_identity,
     image_files,
     image_paths,
     random_test_mask,
-    read_header,
     require_dir,
 )
+from prism.plugins.datasets._parallel_read import DECODE_ERRORS, encoded_image, read_header
 from prism.plugins.datasets.tfds_source import (
     Example,
     Plan,

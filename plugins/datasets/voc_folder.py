@@ -25,17 +25,15 @@ import tensorflow_datasets as tfds
 from prism.framework.errors import ConfigError, DataError
 from prism.framework.registry import DATASETS
 from prism.plugins.datasets._folder_common import (
-    DECODE_ERRORS,
     CorruptImages,
     FolderConfig,
     check_folder_config,
-    encoded_image,
     folder_identity,
     natural_key,
     random_test_mask,
-    read_header,
     require_dir,
 )
+from prism.plugins.datasets._parallel_read import DECODE_ERRORS, encoded_image, read_header
 from prism.plugins.datasets.tfds_source import Example, Plan, TFDSSource, fit_image, load_or_prepare
 
 log = logging.getLogger("prism")
