@@ -110,18 +110,25 @@ class ResidentSplit:
         return jax.make_array_from_process_local_data(parallel.steps_batch_sharding(self.mesh),
                                                       np.asarray(host_indices, np.int32))
 
-    def eval_batches(self, *, global_batch: int, host: HostSlice, max_batches: int = 0
-                     ) -> Iterator[tuple[dict[str, jax.Array], np.ndarray]]:
-        """``(global batch, this host's validity mask)`` over the whole split in order, the last batch padded
-        with the first example (as :func:`prism.framework.data.eval_batches` does on the host)."""
+    def eval_indices(self, *, global_batch: int, host: HostSlice, max_batches: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """``(example indices, validity)``, both ``[batches, per-host batch]``: this host's part of every global
+        evaluation batch over the split in order, the last one padded with the first example (as
+        :func:`prism.framework.data.eval_batches` does on the host)."""
         n_batches = -(-self.length // global_batch)
         if max_batches:
             n_batches = min(n_batches, max_batches)
-        for b in range(n_batches):
-            start = b * global_batch + host.index * host.per_host_batch
-            index = np.arange(start, start + host.per_host_batch)
-            valid = index < self.length
-            yield self.batch(np.where(valid, index, 0)), valid
+        starts = np.arange(n_batches)[:, None] * global_batch + host.index * host.per_host_batch
+        index = starts + np.arange(host.per_host_batch)
+        valid = index < self.length
+        return np.where(valid, index, 0).astype(np.int32), valid
+
+    def eval_batches(self, *, global_batch: int, host: HostSlice, max_batches: int = 0
+                     ) -> Iterator[tuple[dict[str, jax.Array], np.ndarray]]:
+        """``(global batch, this host's validity mask)`` of :meth:`eval_indices`, one batch at a time."""
+        indices, valid = self.eval_indices(global_batch=global_batch, host=host, max_batches=max_batches)
+        for batch_indices, batch_valid in zip(indices, valid, strict=True):
+            yield self.batch(batch_indices), batch_valid
 
 
 def train_index_stream(split: Sequence, *, global_batch: int, host: HostSlice, seed: int,

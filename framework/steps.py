@@ -138,6 +138,20 @@ def multi_step(train_step: Callable, *, max_steps: int, batch_sharding: NamedSha
     return steps
 
 
+def multi_eval(eval_step: Callable, *, batch_sharding: NamedSharding) -> Callable:
+    """``evaluate(state, arrays, indices) -> outputs``: ``eval_step`` over every batch of a device-resident
+    split in one program, batch ``b`` being the examples ``indices[b]``; outputs stacked ``[batches, ...]``."""
+
+    def evaluate(state: TrainState, arrays: dict, indices: jax.Array) -> tuple[dict, dict]:
+        def one(batch_indices):
+            batch = {k: jnp.take(v, batch_indices, axis=0) for k, v in arrays.items()}
+            return eval_step(state, jax.lax.with_sharding_constraint(batch, batch_sharding))
+
+        return jax.lax.map(one, indices)
+
+    return evaluate
+
+
 def make_eval_step(eval_graphdef: Any, task: Task, info: DataInfo, *, dtype) -> Callable:
     """``eval_step(state, batch) -> (task outputs, objective outputs)`` per example (see
     ``Task.eval_outputs`` and ``Objective.eval_outputs``), with the EMA parameters when kept."""
@@ -159,5 +173,5 @@ def as_float32(outputs: dict) -> dict:
     return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in outputs.items()}
 
 
-__all__ = ["TrainState", "all_finite", "cast_floats", "make_eval_step", "make_train_step", "multi_step",
-           "prepare_images"]
+__all__ = ["TrainState", "all_finite", "cast_floats", "make_eval_step", "make_train_step", "multi_eval",
+           "multi_step", "prepare_images"]

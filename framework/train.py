@@ -40,7 +40,7 @@ from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
 from prism.framework.resident import ResidentSplit, choose_placement, train_index_stream
-from prism.framework.steps import TrainState, make_eval_step, make_train_step, multi_step
+from prism.framework.steps import TrainState, make_eval_step, make_train_step, multi_eval, multi_step
 from prism.framework.timing import Phases, TimeTo, process_seconds
 
 RESULT_FILE = "result.json"
@@ -270,7 +270,8 @@ class Trainer:
         steps = multi_step(step, max_steps=self.steps_per_call, batch_sharding=parallel.batch_sharding(self.mesh))
         #: the device path's training call: several steps, each gathering its batch from the resident split
         self.train_steps = jax.jit(steps, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
-        self._eval_steps: dict[int, tuple[Task, Callable]] = {}  # id(task) -> (task, kept alive: ids stay unique)
+        #: id(task) -> (task, kept alive so that ids stay unique; its programs: see _eval_programs)
+        self._eval_steps: dict[int, tuple[Task, Callable, Callable]] = {}
         self.eval_step = self._eval_step_for(self.task)
 
     def _steps_per_call(self) -> int:
@@ -286,12 +287,17 @@ class Trainer:
 
     def _eval_step_for(self, task: Task) -> Callable:
         """The jitted evaluation step of ``task`` (the run's own, or another task on the same model)."""
-        if id(task) in self._eval_steps:
-            return self._eval_steps[id(task)][1]
-        eval_step = make_eval_step(self.eval_graphdef, task, self.info, dtype=self.compute_dtype)
-        step = jax.jit(eval_step, out_shardings=parallel.batch_sharding(self.mesh))
-        self._eval_steps[id(task)] = (task, step)
-        return step
+        return self._eval_programs(task)[0]
+
+    def _eval_programs(self, task: Task) -> tuple[Callable, Callable]:
+        """``(one batch, a whole device-resident split)``: the jitted evaluation programs of ``task``."""
+        if id(task) not in self._eval_steps:
+            eval_step = make_eval_step(self.eval_graphdef, task, self.info, dtype=self.compute_dtype)
+            batches = parallel.batch_sharding(self.mesh)
+            whole = multi_eval(eval_step, batch_sharding=batches)
+            self._eval_steps[id(task)] = (task, jax.jit(eval_step, out_shardings=batches),
+                                          jax.jit(whole, out_shardings=parallel.steps_batch_sharding(self.mesh)))
+        return self._eval_steps[id(task)][1:]
 
     # -- data -----------------------------------------------------------------------------------
     def resident(self, split_name: str) -> ResidentSplit:
@@ -377,11 +383,21 @@ class Trainer:
         """``(task outputs, objective outputs, raw host batch of the first batch)`` over ``split``, padding
         removed; every host gets the whole split's outputs. ``task``: another task than the run's own.
         With ``split_name`` on the device path the split is evaluated from device memory (no raw batch)."""
-        eval_step = self._eval_step_for(task or self.task)
+        eval_step, whole_split = self._eval_programs(task or self.task)
         collected: tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]] = ({}, {})
         raw: list[dict] = []
         max_batches = 1 if first_batch_only else self.cfg.train.max_eval_batches
-        if split_name is not None and self.placement == "device" and not first_batch_only:
+        on_device = split_name is not None and self.placement == "device" and not first_batch_only
+        if on_device and jax.process_count() == 1:  # the whole split in one program, fetched once
+            resident = self.resident(split_name)
+            indices, valid = resident.eval_indices(global_batch=self.eval_batch_size, host=self.eval_host,
+                                                   max_batches=max_batches)
+            outputs = jax.device_get(whole_split(self.state, resident.arrays, resident.step_indices(indices)))
+            keep = valid.reshape(-1)
+            task_out, objective_out = ({k: np.asarray(v).reshape(-1, *v.shape[2:])[keep] for k, v in part.items()}
+                                       for part in outputs)
+            return task_out, objective_out, {}
+        if on_device:
             batches = self._device_batches(split_name, max_batches)
         else:
             batches = self._host_batches(split, max_batches, raw)
