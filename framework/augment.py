@@ -7,6 +7,10 @@ A transform (registry ``TRANSFORMS``) is built from its config dataclass into a 
 applies its transforms in order, vmapped over the batch with an independent key per example and per
 transform, and normalizes at the end.
 
+Training examples also carry ``EXAMPLE_INDEX_KEY`` (the example's index in its split) and ``EPOCH_KEY``
+(the epoch the stream is in for that example) as int32 scalars, for transforms whose choice depends on the
+example and epoch rather than a fresh key (airbench's alternating flip); evaluation examples do not.
+
 Config (``augment`` group): ``ops`` is the training pipeline, a list of ``{name: ..., **fields}``;
 ``views``, when not empty, is a list of pipelines, one per view, for multi-view objectives (SimCLR,
 BYOL): the batch then carries ``views``, a list of augmented image batches.
@@ -28,6 +32,10 @@ from prism.framework.errors import ConfigError
 from prism.framework.registry import TRANSFORMS
 
 Example = dict[str, jax.Array]
+#: Per-example keys of a training batch: the example's index in its split, and its epoch in the stream.
+EXAMPLE_INDEX_KEY, EPOCH_KEY = "_index", "_epoch"
+#: The batch keys a transform sees per example; every other key passes through the pipeline untouched.
+PER_EXAMPLE_KEYS = ("image", "boxes", "box_valid", "mask", EXAMPLE_INDEX_KEY, EPOCH_KEY)
 TransformFn = Callable[[Example, jax.Array], Example]
 
 
@@ -85,7 +93,7 @@ class Pipeline:
 
     def __call__(self, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
         """Augment a batch (``image`` float in [0, 1]); keys the transforms don't know pass through."""
-        per_example = {k: v for k, v in batch.items() if k in ("image", "boxes", "box_valid", "mask")}
+        per_example = {k: v for k, v in batch.items() if k in PER_EXAMPLE_KEYS}
         if self.transforms:
             keys = jax.random.split(key, batch["image"].shape[0])
             per_example = jax.vmap(self.apply_one)(per_example, keys)

@@ -19,6 +19,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from prism.framework.augment import EXAMPLE_INDEX_KEY
 from prism.framework.errors import DataError
 from prism.framework.order import TrainOrder
 from prism.framework.parallel import HostSlice
@@ -61,7 +62,8 @@ class _Stream:
         return sys.maxsize  # infinite, as grain's repeat()
 
     def __getitem__(self, element: int) -> dict[str, np.ndarray]:
-        return as_numpy(self.split[self.order.example(element)])
+        index = self.order.example(element)
+        return {**as_numpy(self.split[index]), EXAMPLE_INDEX_KEY: np.asarray(index, np.int32)}
 
 
 def check_train_split(split: Sequence, global_batch: int) -> None:

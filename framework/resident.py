@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from prism.framework import parallel
 from prism.framework.api import StackableSplit
+from prism.framework.augment import EXAMPLE_INDEX_KEY
 from prism.framework.data import VALID_KEY, as_numpy, check_split, check_train_split, to_iter
 from prism.framework.errors import DataError
 from prism.framework.order import IndexStream, TrainOrder
@@ -102,7 +103,7 @@ class ResidentSplit:
     def batch(self, host_indices: np.ndarray) -> dict[str, jax.Array]:
         """The global batch whose examples are this host's ``host_indices`` (and the other hosts' own)."""
         index = parallel.global_batch(self.mesh, {INDEX_KEY: np.asarray(host_indices, np.int32)})[INDEX_KEY]
-        return self._gather(self.arrays, index)
+        return {**self._gather(self.arrays, index), EXAMPLE_INDEX_KEY: index}
 
     def step_indices(self, host_indices: np.ndarray) -> jax.Array:
         """``[steps, global batch]`` example indices, sharded as the batches they select, from this host's

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from prism.framework.api import DataInfo, Task
-from prism.framework.augment import Pipeline
+from prism.framework.augment import EPOCH_KEY, EXAMPLE_INDEX_KEY, Pipeline
 from prism.framework.optim import OptimizerBundle
 
 
@@ -75,15 +75,24 @@ def _guarded_update(state: TrainState, grads: Any, new_rest: Any, loss: jax.Arra
             grad_norm, finite)
 
 
+def batch_epochs(step: jax.Array, global_batch: int, epoch_length: int) -> jax.Array:
+    """The epoch of each example of global batch ``step`` (0-based) in the training stream (int32)."""
+    elements = step * global_batch + jnp.arange(global_batch, dtype=jnp.int32)
+    return (elements // epoch_length).astype(jnp.int32)
+
+
 def make_train_step(graphdef: Any, optimizer: OptimizerBundle, info: DataInfo, *, dtype, seed: int, accum: int,
-                    ema_decay: float, pipeline: Pipeline, view_pipelines: list[Pipeline]) -> Callable:
+                    ema_decay: float, pipeline: Pipeline, view_pipelines: list[Pipeline],
+                    epoch_length: int) -> Callable:
     """``train_step(state, batch) -> (state, logs)``: augment, forward, backward, the guarded optimizer
-    update and the parameter EMA, for one batch of uint8 images."""
+    update and the parameter EMA, for one batch of uint8 images. The batch gains each example's epoch
+    (``EPOCH_KEY``) from the step, the batch size and ``epoch_length`` (examples per epoch)."""
     tx, schedule = optimizer.tx, optimizer.schedule
     base_key = jax.random.key(seed + 1)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key, aug_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+        batch = {**batch, EPOCH_KEY: batch_epochs(state.step, batch["image"].shape[0], epoch_length)}
         views = [prepare_images(batch, info, dtype, view, jax.random.fold_in(aug_key, 1 + i))["image"]
                  for i, view in enumerate(view_pipelines)]
         batch = prepare_images(batch, info, dtype, pipeline, aug_key)
@@ -123,7 +132,7 @@ def multi_step(train_step: Callable, *, max_steps: int, batch_sharding: NamedSha
     def steps(state: TrainState, arrays: dict, indices: jax.Array, count: jax.Array) -> tuple[TrainState, dict]:
         def gather(i):
             batch = {k: jnp.take(v, indices[i], axis=0) for k, v in arrays.items()}
-            return jax.lax.with_sharding_constraint(batch, batch_sharding)
+            return jax.lax.with_sharding_constraint({**batch, EXAMPLE_INDEX_KEY: indices[i]}, batch_sharding)
 
         logs_shape = jax.eval_shape(train_step, state, gather(0))[1]
         logs = jax.tree.map(lambda s: jnp.zeros((max_steps, *s.shape), s.dtype), logs_shape)

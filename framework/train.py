@@ -263,7 +263,7 @@ class Trainer:
                  for i, ops in enumerate(cfg.augment.views)]
         step = make_train_step(self.graphdef, self.optimizer, info, dtype=self.compute_dtype, seed=cfg.seed,
                                accum=self.accum, ema_decay=cfg.train.ema_decay, pipeline=pipeline,
-                               view_pipelines=views)
+                               view_pipelines=views, epoch_length=len(self.train_split))
         replicated = parallel.replicated(self.mesh)
         self.train_step = jax.jit(step, donate_argnums=0, out_shardings=(self.state_shardings, replicated))
         self.steps_per_call = self._steps_per_call()

@@ -149,3 +149,28 @@ def test_presets_compose_for_training():
     assert blur_p == [1.0, 0.1]
     for view in byol.augment.views:
         Pipeline.from_config(view)  # every op and field is valid
+
+
+def test_alternating_flip_flips_each_example_in_every_other_epoch():
+    from prism.framework.augment import EPOCH_KEY, EXAMPLE_INDEX_KEY, Pipeline
+    from prism.framework.errors import ConfigError
+    from prism.framework.steps import batch_epochs
+
+    pipeline = Pipeline.from_config([{"name": "hflip", "alternate": True}])
+    n = 1000
+    image = jnp.broadcast_to(jnp.arange(4, dtype=jnp.float32)[None, None, :, None], (n, 2, 4, 1))
+
+    def flipped(epoch: int, key: int) -> np.ndarray:
+        batch = {"image": image, EXAMPLE_INDEX_KEY: jnp.arange(n, dtype=jnp.int32),
+                 EPOCH_KEY: jnp.full((n,), epoch, jnp.int32)}
+        out = np.asarray(pipeline(batch, jax.random.key(key))["image"])
+        return out[:, 0, 0, 0] == 3.0  # the last column moved first
+
+    first = flipped(0, key=0)
+    assert 0.45 < first.mean() < 0.55  # a fixed coin per example
+    np.testing.assert_array_equal(flipped(0, key=7), first)  # not the step's key: the same every run of it
+    np.testing.assert_array_equal(flipped(1, key=0), ~first)  # the other version in the next epoch
+    np.testing.assert_array_equal(flipped(2, key=3), first)
+    with pytest.raises(ConfigError, match="only training batches carry"):
+        pipeline({"image": image}, jax.random.key(0))
+    np.testing.assert_array_equal(batch_epochs(jnp.int32(2), 4, 10), [0, 0, 1, 1])  # elements 8..11 of 10 a lap

@@ -21,8 +21,9 @@ from prism.framework.parallel import HostSlice
 from prism.framework.train import Trainer
 
 #: eval batch 56 does not divide the digits evaluation split: the last device batch is padded.
+#: the alternating flip reads each example's index and epoch: both paths must hand over the same ones.
 RUN = [*FAST, "train.log_every=1", "train.eval_batch_size=56", "checkpoint.enabled=false", "logging.plots=false",
-       "logging.tensorboard=false"]
+       "logging.tensorboard=false", "augment.ops=[{name:hflip,alternate:true}]"]
 
 
 @pytest.fixture(scope="module")

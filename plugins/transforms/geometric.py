@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
-from prism.framework.augment import Example
+from prism.framework.augment import EPOCH_KEY, EXAMPLE_INDEX_KEY, Example
 from prism.framework.errors import ConfigError
 from prism.framework.registry import TRANSFORMS
 from prism.plugins.transforms._common import pair, size_hw, with_probability
@@ -50,8 +50,41 @@ class FlipConfig:
     p: float = 0.5
 
 
-@TRANSFORMS.register("hflip", config=FlipConfig, description="Horizontal flip with probability p.")
-def build_hflip(cfg: FlipConfig):
+@dataclass
+class HFlipConfig(FlipConfig):
+    """p: probability of flipping.
+
+    alternate: airbench's alternating flip (Jordan 2024, "94% on CIFAR-10 in 3.29 seconds", section 3.6): each
+        training example is flipped in every other epoch, starting flipped or not by a fixed coin of its index,
+        so every two epochs show both versions exactly once (``p`` is then unused). Needs the training
+        batch's example index and epoch, which training batches carry.
+    """
+
+    alternate: bool = False
+
+
+def _index_coin(index: jax.Array) -> jax.Array:
+    """A fixed pseudo-random bit of an example index (an integer hash's top bit; no key: the same every epoch)."""
+    h = index.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    return ((h ^ (h >> 13)) >> 31).astype(jnp.int32)
+
+
+def _alternating_hflip(example: Example, key: jax.Array) -> Example:
+    missing = [k for k in (EXAMPLE_INDEX_KEY, EPOCH_KEY) if k not in example]
+    if missing:
+        raise ConfigError(f"hflip alternate=true needs each example's {' and '.join(missing)}, which only training "
+                          f"batches carry; use it in augment.ops (or augment.views), not at evaluation")
+    flip = (_index_coin(example[EXAMPLE_INDEX_KEY]) ^ (example[EPOCH_KEY] % 2)) == 1
+    flipped = _flip(example, axis=1)
+    return jax.tree.map(lambda f, o: jnp.where(flip, f, o), flipped, example)
+
+
+@TRANSFORMS.register("hflip", config=HFlipConfig,
+                     description="Horizontal flip with probability p, or in alternate epochs (alternate=true).")
+def build_hflip(cfg: HFlipConfig):
+    if cfg.alternate:
+        return _alternating_hflip
     return with_probability(cfg.p, lambda ex, key: _flip(ex, axis=1))
 
 
