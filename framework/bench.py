@@ -26,10 +26,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prism.framework import parallel
-from prism.framework.augment import Pipeline
+from prism.framework.augment import EPOCH_KEY, Pipeline
 from prism.framework.data import train_iterator
 from prism.framework.errors import ConfigError
 from prism.framework.registry import DATASETS
+from prism.framework.steps import batch_epochs
 
 log = logging.getLogger("prism")
 
@@ -73,7 +74,7 @@ def bench_data(cfg: DictConfig, *, batches: int = 50, warmup: int = 5) -> dict[s
 
     @jax.jit
     def augment(batch: dict[str, jax.Array], key: jax.Array) -> list[jax.Array]:
-        batch = dict(batch)
+        batch = {**batch, EPOCH_KEY: batch_epochs(jnp.int32(0), batch["image"].shape[0], len(split))}  # as step 0
         if jnp.issubdtype(batch["image"].dtype, jnp.integer):
             batch["image"] = batch["image"].astype(jnp.float32) / 255.0
         return [p(batch, jax.random.fold_in(key, i))["image"] for i, p in enumerate(pipelines)]

@@ -13,7 +13,7 @@ def test_bench_data_on_digits_writes_positive_throughputs(tmp_path, capsys):
     out = tmp_path / "result" / "bench.json"
     # digits is prepared in the default data dir ($PRISM_DATA_DIR), shared with the training tests.
     code = main(["bench", "data", "--batches", "3", "--warmup", "1", "--out", str(out), "train.batch_size=32",
-                 "augment=flip_crop", "augment.ops.0.size=[8,8]"])
+                 "augment.ops=[{name:random_resized_crop,size:[8,8]},{name:hflip,alternate:true}]"])
     assert code == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("data: digits batch=32 host ") and " img/s, host+augment " in line
