@@ -20,8 +20,9 @@ from pathlib import Path
 
 from prism.framework import __version__, compilation_cache
 from prism.framework.errors import ConfigError, PrismError, UnknownNameError
-from prism.framework.parallel import apply_default_xla_flags
+from prism.framework.parallel import apply_default_xla_flags, env_process_index
 from prism.framework.registry import COMMANDS, Entry
+from prism.framework.rundir import RunDirectoryBusy, check_free, run_directory_lock
 from prism.framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
@@ -159,21 +160,35 @@ def _train_app():
                 log.info("job %s: CUDA_VISIBLE_DEVICES=%s", hydra_cfg.job.num, devices)
             compilation_cache.enable()  # again: a launcher may run jobs in fresh worker processes
             cache_before = compilation_cache.stats()
-            result = Trainer(cfg, run_dir).fit()
+            with run_directory_lock(run_dir):
+                result = Trainer(cfg, run_dir).fit()
             if compilation_cache.directory() is not None:
                 log.info("%s (%s)", compilation_cache.summary(since=cache_before), compilation_cache.directory())
         except Exception as exc:
-            write_failure(run_dir, exc)
+            if not isinstance(exc, RunDirectoryBusy):  # the live run's record is not this process's to write
+                write_failure(run_dir, exc)
             if multirun:  # the other jobs go on; the sweep reports this one at the end (cmd_train)
                 log.error("job %s failed: %s: %s", run_dir, type(exc).__name__, exc)
                 return None
             if isinstance(exc, PrismError):
                 raise SystemExit(_fail(str(exc))) from None
             raise
+        if result.get("signal") == "SIGINT" and not multirun:  # Ctrl-C: saved, then the shell's 130
+            raise SystemExit(130)
         best = cfg.checkpoint.best_metric
         return result["metrics"].get(best) if best else None
 
     return train
+
+
+def _check_run_dir_free(args: Sequence[str]) -> None:
+    """A single run into an explicit ``hydra.run.dir`` that a live process holds stops here, before Hydra
+    writes its ``.hydra/`` files into that directory."""
+    if any(a in ("-m", "--multirun") for a in args) or env_process_index() != 0:
+        return
+    for arg in args:
+        if arg.startswith("hydra.run.dir="):
+            check_free(arg.split("=", 1)[1])
 
 
 @COMMANDS.register("train", description="Train a model (a Hydra app: `prism train --help` lists the config groups).",
@@ -188,6 +203,10 @@ def cmd_train(args: list[str]) -> int:
     except PrismError as exc:
         return _fail(str(exc))
     register_configs()
+    try:
+        _check_run_dir_free(args)
+    except RunDirectoryBusy as exc:
+        return _fail(str(exc), code=1)
     app = _train_app()
     saved_argv = sys.argv
     sys.argv = ["prism train", *args]
@@ -216,7 +235,6 @@ EVAL_OPTIONS = ("checkpoint", "eval.step", "eval.out", "eval.tasks")
 def cmd_eval(args: list[str]) -> int:
     """``prism eval``: the run's metrics (or other tasks', several in one process) from one of its checkpoints,
     offline; one JSON line per task."""
-    import json
 
     from prism.framework.evaluate import evaluate_run, evaluate_tasks, parse_task_list
     from prism.framework.plugins import load_plugins
@@ -234,8 +252,10 @@ def cmd_eval(args: list[str]) -> int:
                                  out_dir=out_dir)
     else:
         results = [evaluate_run(options["checkpoint"], overrides, step=step, out_dir=out_dir)]
+    from prism.framework.logging import to_json
+
     for result in results:
-        print(json.dumps({k: result[k] for k in ("task", "step", "metrics", "out_dir")}))
+        print(to_json({k: result[k] for k in ("task", "step", "metrics", "out_dir")}))
     return 0
 
 

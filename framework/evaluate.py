@@ -21,7 +21,6 @@ weights, the honest baseline for "what does training buy".
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from prism.framework.checkpoint import Checkpointer
 from prism.framework.config import SELECTED_KINDS, CheckpointConfig, compose
 from prism.framework.errors import CheckpointError, ConfigError, UnknownNameError
+from prism.framework.logging import to_json
 from prism.framework.registry import TASKS
 from prism.framework.train import PREDICTIONS_DIR, RESULT_FILE, Trainer
 
@@ -324,7 +324,7 @@ def _evaluate(run_dir: Path, saved: dict, plans: list[_Plan], step: str | int, r
         mark = now
         if trainer.is_main:
             plan.out_dir.mkdir(parents=True, exist_ok=True)
-            (plan.out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+            (plan.out_dir / RESULT_FILE).write_text(to_json(result, indent=2))
             (plan.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(plan.cfg))
         result["out_dir"] = str(plan.out_dir)
         results.append(result)

@@ -2,6 +2,9 @@
 
 Only process 0 writes; other processes get a :class:`MetricLogger` whose writes do nothing, so the
 trainer calls it unconditionally. A resumed run appends to the same ``metrics.jsonl``.
+
+Every JSON file a run writes is strict JSON (:func:`to_json`): a non-finite number (a NaN loss, an infinite
+gradient norm) is written as the string ``"nan"``, ``"inf"`` or ``"-inf"``, which ``float()`` reads back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,22 @@ from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (also inside dicts, lists and tuples) as ``"nan"``/``"inf"``/``"-inf"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """Strict JSON of ``value`` (:func:`json_safe`; ``json.dumps`` would write the invalid ``NaN``)."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 class MetricLogger:
@@ -43,7 +62,7 @@ class MetricLogger:
         if not self.enabled:
             return
         record = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), "time": time.time(), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(to_json(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for name, value in metrics.items():

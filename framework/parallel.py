@@ -60,6 +60,16 @@ def _env_describes_multiprocess() -> bool:
     return all(v in os.environ for v in SLURM_TASK_ENV) and int(os.environ["SLURM_NTASKS"]) > 1
 
 
+def env_process_index() -> int:
+    """This process's rank as the environment gives it before JAX is initialized (``PRISM_PROCESS_ID``, or
+    SLURM's or Open MPI's rank in a multi-process job); 0 for a single process."""
+    if os.environ.get(NUM_PROCESSES_ENV):
+        return int(os.environ.get(PROCESS_ID_ENV) or 0)
+    if _env_describes_multiprocess():
+        return int(os.environ.get("SLURM_PROCID") or 0)
+    return int(os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
+
+
 def _slurm_local_device_ids() -> list[int] | None:
     """Under SLURM with one task per node, all of the node's GPUs; otherwise None (JAX's default).
 

@@ -10,7 +10,6 @@ file's own pixels, scores, classes). Everything goes to ``out`` (default ``RUN_D
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from prism.framework import parallel
 from prism.framework.data import VALID_KEY, eval_batches
 from prism.framework.errors import DataError
 from prism.framework.evaluate import load_run
+from prism.framework.logging import to_json
 from prism.framework.steps import cast_floats, prepare_images
 from prism.framework.train import Trainer
 
@@ -105,5 +105,5 @@ def predict_run(run_dir: str | Path, source: str | Path, overrides: Sequence[str
         result = {"checkpoint": str(run_dir.absolute()), "step": restored if restored is not None else "init",
                   "task": trainer.cfg.task.name, "task_settings": trainer.task.describe(),
                   "overrides": list(overrides), "images": records, "pictures": [str(p) for p in pictures]}
-        (out_dir / PREDICTIONS_FILE).write_text(json.dumps(result, indent=2))
+        (out_dir / PREDICTIONS_FILE).write_text(to_json(result, indent=2))
     return {"out_dir": str(out_dir), "images": len(paths), "step": restored, "pictures": [str(p) for p in pictures]}

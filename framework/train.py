@@ -13,7 +13,6 @@ the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import signal
@@ -35,7 +34,7 @@ from prism.framework.augment import Pipeline
 from prism.framework.checkpoint import Checkpointer, signature
 from prism.framework.data import VALID_KEY, eval_batches, train_iterator
 from prism.framework.errors import ConfigError, NonFiniteLossError
-from prism.framework.logging import MetricLogger, plot_curves
+from prism.framework.logging import MetricLogger, plot_curves, to_json
 from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
@@ -103,25 +102,32 @@ def total_steps(cfg: DictConfig, train_size: int) -> tuple[int, float]:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks, so the run saves and exits
+    cleanly; a second Ctrl-C interrupts at once (Python's default handler is back after the first)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.received: str | None = None  # "SIGTERM" or "SIGINT" once one arrived
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Preemption:
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C is a KeyboardInterrupt
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class Trainer:
@@ -501,6 +507,12 @@ class Trainer:
             data_iter.set_state(data_state)
         return step
 
+    def _preempted_message(self, received: str | None, step: int) -> str:
+        if self.checkpointer is None:
+            return (f"{received} received: stopped at step {step}; nothing was saved (checkpoint.enabled=false), "
+                    f"so the run cannot resume")
+        return f"{received} received: saved step {step}; rerun in {self.run_dir} to resume"
+
     # -- the loop -------------------------------------------------------------------------------
     def _speed_record(self, rates: list[float], time_to: TimeTo, stopped_at: int | None) -> dict:
         """``timing`` (seconds per phase), ``process_s``, ``time_to``, ``loop_images_per_s`` (the median
@@ -544,7 +556,7 @@ class Trainer:
             logger.message(f"resumed from the checkpoint at step {start} in {self.checkpointer.directory}")
         elif self.pretrained is not None:
             logger.message(self.pretrained.summary())
-        status, step, eval_metrics, last_logged = "completed", start, {}, {}
+        status, step, eval_metrics, last_logged, interrupted_by = "completed", start, {}, {}, None
         phases, rates, stopped_at = self.phases, [], None
         first_step_at = time.perf_counter() if self.steps_per_call > 1 else None  # compiled already
         time_to = TimeTo(t.time_to, cfg.checkpoint.best_mode)
@@ -585,8 +597,8 @@ class Trainer:
                     if stopped_at is not None:
                         break
                     if preemption.requested and not last:
-                        status = "preempted"
-                        logger.message(f"SIGTERM received: saved step {step}; rerun in {self.run_dir} to resume")
+                        status, interrupted_by = "preempted", preemption.received
+                        logger.message(self._preempted_message(interrupted_by, step))
                         break
         finally:
             with phases("checkpoint"):
@@ -610,12 +622,14 @@ class Trainer:
             "processes": jax.process_count(),
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
+        if interrupted_by is not None:  # SIGTERM or SIGINT; resumable only when a checkpoint was written
+            result.update(signal=interrupted_by, resumable=self.checkpointer is not None)
         if self.pretrained is not None:
             result["pretrained"] = {"path": self.pretrained.path, "loaded": self.pretrained.loaded,
                                     "head_skipped": self.pretrained.head_skipped}
         result.update(self._speed_record(rates, time_to, stopped_at))
         if self.is_main:
-            (self.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+            (self.run_dir / RESULT_FILE).write_text(to_json(result, indent=2))
             if cfg.logging.plots:
                 plot_curves(self.run_dir)
         return result
@@ -626,4 +640,4 @@ def write_failure(run_dir: Path, error: BaseException, extra: Callable[[], dict]
     if jax.process_index() != 0:
         return
     result = {"status": "failed", "error": f"{type(error).__name__}: {error}", **(extra() if extra else {})}
-    Path(run_dir, RESULT_FILE).write_text(json.dumps(result, indent=2))
+    Path(run_dir, RESULT_FILE).write_text(to_json(result, indent=2))

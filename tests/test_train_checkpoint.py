@@ -142,19 +142,22 @@ SIGTERM_RUN = [*FAST, "train.steps=100", "train.eval_every=50", "checkpoint.ever
                "logging.plots=false"]
 
 
-@pytest.fixture(scope="module")
-def preempted(tmp_path_factory, cache_env):
-    """A 100-step run sent SIGTERM once its first checkpoint is on disk: ``(run_dir, rc, output, first)``."""
-    run_dir = tmp_path_factory.mktemp("preempted")
-    proc = _start([*SIGTERM_RUN, f"hydra.run.dir={run_dir}"], cache_env)
+def _signalled(run_dir: Path, env: dict[str, str], sig: signal.Signals) -> tuple[Path, int, str, int]:
+    """A 100-step run sent ``sig`` once its first checkpoint is on disk: ``(run_dir, rc, output, first)``."""
+    proc = _start([*SIGTERM_RUN, f"hydra.run.dir={run_dir}"], env)
     try:
         first = _wait_for_checkpoint(proc, run_dir / "checkpoints", 1)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     return run_dir, proc.returncode, output, first
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, cache_env):
+    return _signalled(tmp_path_factory.mktemp("preempted"), cache_env, signal.SIGTERM)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(preempted):
@@ -168,6 +171,39 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(preempted):
     assert f"saved step {stopped}" in output
     assert max(_steps(run_dir / "checkpoints")) == stopped
     assert (run_dir / "checkpoints" / str(stopped) / "state").is_dir()
+
+
+def test_ctrl_c_saves_like_sigterm_and_exits_130(tmp_path, cache_env):
+    run_dir, returncode, output, first = _signalled(tmp_path / "run", cache_env, signal.SIGINT)
+    assert returncode == 130, output[-3000:]
+    result = read_result(run_dir)
+    assert result["status"] == "preempted" and result["signal"] == "SIGINT" and result["resumable"] is True
+    assert f"SIGINT received: saved step {result['steps']}" in output and "Traceback" not in output
+    assert max(_steps(run_dir / "checkpoints")) == result["steps"] >= first
+
+
+def test_sigterm_without_checkpoints_says_nothing_was_saved(tmp_path, capsys):
+    import threading
+
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(compose([*FAST, "train.steps=100000", "checkpoint.enabled=false", "train.log_every=1",
+                               "logging.tensorboard=false", "logging.plots=false"]), run_dir)
+
+    def signal_once_training():  # a real SIGTERM to this process once the first step is logged
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_training, daemon=True).start()
+    result = trainer.fit()
+    assert result["status"] == "preempted" and result["signal"] == "SIGTERM" and result["resumable"] is False
+    assert result["steps"] < 100000
+    out = capsys.readouterr().out
+    assert f"SIGTERM received: stopped at step {result['steps']}; nothing was saved" in out and "saved step" not in out
 
 
 def test_rerun_after_sigterm_resumes_and_completes(preempted, cache_env):
@@ -320,3 +356,25 @@ def test_incompatible_checkpoint_cli_exits_2(wide_run_dir, cache_env):
     assert MISMATCH in proc.stderr and "expected (3, 3, 8, 32)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert read_result(wide_run_dir)["status"] == "failed"
+
+
+def test_a_second_train_into_a_live_run_directory_stops_at_once(tmp_path, cache_env):
+    """While a process holds the run directory, ``prism train`` into it exits 1 naming the holder, and writes
+    nothing there; once the holder is gone (its lock dies with it, kill -9 included) the same command trains."""
+    run_dir = tmp_path / "run"
+    args = [*FAST, "train.steps=2", "logging.tensorboard=false", "logging.plots=false", f"hydra.run.dir={run_dir}"]
+    hold = ("import sys, time; from prism.framework.rundir import RunDirectoryLock; "
+            "lock = RunDirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_prism("train", *args, cwd=REPO, env=cache_env)
+        assert refused.returncode == 1, refused.stderr[-2000:]
+        assert f"run directory {run_dir} is in use by another prism process (PID {holder.pid})" in refused.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == [".prism.lock"]  # no .hydra/, no result.json
+    finally:
+        holder.kill()
+        holder.wait()
+    done = run_prism("train", *args, cwd=REPO, env=cache_env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_result(run_dir)["status"] == "completed"

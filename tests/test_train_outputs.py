@@ -107,3 +107,23 @@ def test_default_job_reaches_95_percent(tmp_path):
     print(f"default job: {result['steps']} steps, wall_s={result['wall_s']}, metrics={result['metrics']}")
     assert result["status"] == "completed"
     assert result["metrics"]["eval/accuracy"] >= 0.95
+
+
+def test_non_finite_metrics_are_written_as_strict_json(tmp_path):
+    """metrics.jsonl (and result.json, through the same helper) never holds the invalid literals NaN/Infinity."""
+    import json
+
+    from prism.framework.logging import MetricLogger, json_safe, read_metrics, to_json
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {text!r}"))
+
+    logger = MetricLogger(tmp_path, total_steps=2, start_step=0, steps_per_epoch=1.0, progress=False,
+                          tensorboard=False)
+    logger.write(1, {"eval/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": 0.1})
+    logger.close()
+    record = strict((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["eval/loss"] == "nan" and record["train/grad_norm"] == "inf" and record["train/lr"] == 0.1
+    assert np.isnan(float(read_metrics(tmp_path)[0]["eval/loss"]))  # float() reads the strings back
+    nested = {"metrics": {"a": float("-inf")}, "runs": [1.5, float("nan")], "n": 3}
+    assert strict(to_json(nested)) == json_safe(nested) == {"metrics": {"a": "-inf"}, "runs": [1.5, "nan"], "n": 3}
