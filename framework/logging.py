@@ -1,7 +1,8 @@
 """Metric outputs of a run: console progress, ``metrics.jsonl``, TensorBoard events, PNG curves.
 
 Only process 0 writes; other processes get a :class:`MetricLogger` whose writes do nothing, so the
-trainer calls it unconditionally. A resumed run appends to the same ``metrics.jsonl``.
+trainer calls it unconditionally. A resumed run appends to the same ``metrics.jsonl``, first dropping the
+records an interrupted attempt wrote after the checkpoint it resumes from (they are computed again).
 
 Every JSON file a run writes is strict JSON (:func:`to_json`): a non-finite number (a NaN loss, an infinite
 gradient norm) is written as the string ``"nan"``, ``"inf"`` or ``"-inf"``, which ``float()`` reads back.
@@ -37,6 +38,18 @@ def to_json(value, **kwargs) -> str:
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Remove the records of ``path`` (a ``metrics.jsonl``) past ``step``; the file is replaced atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len([line for line in lines if line.strip()]):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept))
+        partial.replace(path)
+
+
 class MetricLogger:
     """Writes scalar metrics for a step to every enabled sink."""
 
@@ -45,6 +58,8 @@ class MetricLogger:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.steps_per_epoch = steps_per_epoch
+        if enabled and start_step > 0:
+            drop_records_after(self.run_dir / METRICS_FILE, start_step)
         self._jsonl = open(self.run_dir / METRICS_FILE, "a") if enabled else None  # noqa: SIM115
         self._tb = None
         if enabled and tensorboard:

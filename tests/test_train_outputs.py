@@ -127,3 +127,21 @@ def test_non_finite_metrics_are_written_as_strict_json(tmp_path):
     assert np.isnan(float(read_metrics(tmp_path)[0]["eval/loss"]))  # float() reads the strings back
     nested = {"metrics": {"a": float("-inf")}, "runs": [1.5, float("nan")], "n": 3}
     assert strict(to_json(nested)) == json_safe(nested) == {"metrics": {"a": "-inf"}, "runs": [1.5, "nan"], "n": 3}
+
+
+def test_a_resumed_logger_drops_the_records_written_after_its_checkpoint(tmp_path):
+    from prism.framework.logging import MetricLogger, read_metrics
+
+    first = MetricLogger(tmp_path, total_steps=9, start_step=0, steps_per_epoch=3.0, progress=False,
+                         tensorboard=False)
+    for step in range(1, 8):  # the attempt was killed after logging step 7; its last checkpoint is step 5
+        first.write(step, {"train/loss": float(step)})
+    first.close()
+    resumed = MetricLogger(tmp_path, total_steps=9, start_step=5, steps_per_epoch=3.0, progress=False,
+                           tensorboard=False)
+    for step in (6, 7, 8, 9):
+        resumed.write(step, {"train/loss": 10.0 + step})
+    resumed.close()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 10))
+    assert [r["train/loss"] for r in records] == [1, 2, 3, 4, 5, 16, 17, 18, 19]
