@@ -68,6 +68,15 @@ class StackableSplit(Protocol):
 
 
 @runtime_checkable
+class CopiesModelWeights(Protocol):
+    """An objective that keeps its own copy of the model's weights (a momentum target) which must start equal
+    to them. The core calls ``copy_model_weights(model)`` whenever it replaces the model's initial weights
+    after the objective was built (``model.pretrained``, a :class:`DataInitialized` model's data fit)."""
+
+    def copy_model_weights(self, model: nnx.Module) -> None: ...
+
+
+@runtime_checkable
 class DataInitialized(Protocol):
     """A model that sets some of its weights from training data after initialization (a first layer whitened
     from image patches, say). The core calls ``fit_to_data`` once, before training starts from scratch (not on

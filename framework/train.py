@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from omegaconf import DictConfig, OmegaConf
 
 from prism.framework import parallel
-from prism.framework.api import DataInfo, DataInitialized, DataSource, Task
+from prism.framework.api import CopiesModelWeights, DataInfo, DataInitialized, DataSource, Task
 from prism.framework.augment import Pipeline
 from prism.framework.checkpoint import Checkpointer, signature
 from prism.framework.data import VALID_KEY, eval_batches, train_iterator
@@ -234,6 +234,8 @@ class Trainer:
             return None  # a resumed run takes its weights from its own checkpoint (the file may be gone by then)
         system = nnx.merge(self.graphdef, self.state.params, self.state.rest, copy=True)
         report = load_pretrained(system.model, self.cfg.model.name, path)
+        if isinstance(system.objective, CopiesModelWeights):  # e.g. BYOL's target starts as the loaded network
+            system.objective.copy_model_weights(system.model)
         _, params, rest = nnx.split(system, nnx.Param, ...)
         params = jax.device_put(params, self.state_shardings.params)
         rest = jax.device_put(rest, self.state_shardings.rest)
@@ -256,6 +258,8 @@ class Trainer:
         else:
             images = np.stack([np.asarray(self.train_split[i]["image"]) for i in range(count)])
         system.model.fit_to_data(images)
+        if isinstance(system.objective, CopiesModelWeights):
+            system.objective.copy_model_weights(system.model)
         _, params, rest = nnx.split(system, nnx.Param, ...)
         self.state = self.state._replace(params=jax.device_put(params, self.state_shardings.params),
                                          rest=jax.device_put(rest, self.state_shardings.rest))

@@ -282,6 +282,25 @@ def test_fine_tune_from_a_prism_run_loads_its_model_and_reinitialises_another_he
                 tmp_path / "wrong")
 
 
+def test_byol_target_starts_as_the_pretrained_network(tmp_path, train_run):
+    """The momentum target copies the online network after ``model.pretrained`` replaced its weights."""
+    from prism.framework.config import compose
+    from prism.framework.train import Trainer
+
+    first, _ = train_run(["model.widths=[8,16]"], run_dir=tmp_path / "pretrain")
+    loaded = jax.tree.leaves(jax.device_get(first.state.params["model"]))
+    byol = Trainer(compose([*FAST, "model.widths=[8,16]", "objective=byol", "augment=byol",
+                            "objective.proj_hidden_dim=16", "objective.proj_output_dim=8",
+                            "objective.pred_hidden_dim=16", f"model.pretrained={tmp_path / 'pretrain'}"]),
+                   tmp_path / "byol")
+    online = jax.tree.leaves(jax.device_get(byol.state.params["model"]))
+    target = [np.asarray(w) for w in jax.tree.leaves(jax.device_get(byol.state.rest["objective"]["target_backbone"]))]
+    assert len(target) == len(online) == len(loaded)
+    for t, o, pre in zip(target, online, loaded, strict=True):
+        np.testing.assert_array_equal(o, pre)
+        np.testing.assert_array_equal(t, o)  # before the fix: the random weights it was built from
+
+
 # -- logits parity with torchvision / timm --------------------------------------------------------------
 PARITY = {  # name -> (input side, our config overrides, file format)
     "resnet50": (64, {}, "pth"),

@@ -120,6 +120,12 @@ class MomentumCopy(nnx.Module):
         target = jax.tree.unflatten(treedef, [jax.lax.stop_gradient(w[...]) for w in self.weights])
         return nnx.merge(graphdef, target, rest, copy=True)
 
+    def reset(self, online: nnx.Module) -> None:
+        """``target = online`` for every weight (in place)."""
+        _, leaves, _, _ = self._online_leaves(online)
+        for weight, value in zip(self.weights, leaves, strict=True):
+            weight[...] = jnp.asarray(value, weight[...].dtype)
+
     def update(self, online: nnx.Module, tau: jax.Array) -> None:
         """``target = tau * target + (1 - tau) * online`` for every weight (in place)."""
         _, leaves, _, _ = self._online_leaves(online)

@@ -80,6 +80,11 @@ class BYOL(SSLObjective):
         self.target_projector = MomentumCopy(self.projector)
         self.ema_step = EMAStep(jnp.zeros((), jnp.int32))
 
+    def copy_model_weights(self, model: nnx.Module) -> None:
+        """The target starts as the online network (the core calls this after ``model.pretrained``)."""
+        self.target_backbone.reset(model)
+        self.target_projector.reset(self.projector)
+
     def tau(self) -> jax.Array:
         return cosine_tau(self.ema_step[...], self.total_steps, self.tau_base, self.tau_final)
 
