@@ -17,6 +17,7 @@ The target metric is the runs' ``checkpoint.best_metric`` (and ``best_mode``) un
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -122,6 +123,12 @@ def build_report(sweep_dir: str | Path, metric: str | None = None, mode: str | N
                 best, best_step = value, step
         rows.append(Row(job, {k: job.overrides.get(k, "") for k in swept}, final, best, best_step, curves))
     eval_names = sorted({n for r in rows for n in r.job.result.get("metrics", {})})
+    reported = sorted(set(eval_names) | {n for r in rows for n in r.curves})
+    if reported and metric not in reported:  # a typo would write a report of empty columns over a good one
+        close = difflib.get_close_matches(metric, reported, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"no job of the sweep reports metric {metric!r}{hint}; the jobs report: "
+                          f"{', '.join(reported)}")
 
     seed_groups: list[dict[str, Any]] = []
     if SEED_KEY in swept:

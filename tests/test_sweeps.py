@@ -158,6 +158,12 @@ def test_joblib_sweep_survives_failed_jobs_and_reports(tmp_path):
     assert seeds["1.5"]["seeds"] == "0"
     md = (sweep / "report.md").read_text()
     assert "4 jobs, 2 completed" in md and "**Best configuration:** `dataset.test_fraction=0.2`" in md
+
+    typo = run_prism("sweep-report", str(sweep), "--metric", "eval/acc", cwd=tmp_path)  # no job reports it
+    assert typo.returncode != 0
+    assert "no job of the sweep reports metric 'eval/acc' (did you mean eval/accuracy?)" in typo.stderr
+    assert "eval/loss" in typo.stderr and "Traceback" not in typo.stderr
+    assert (sweep / "report.md").read_text() == md  # the good report stays
     for png in ("target_vs_params.png", "learning_curves.png"):
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
