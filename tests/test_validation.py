@@ -101,6 +101,8 @@ def test_a_bad_value_of_each_field_is_a_config_error_naming_it(default_cfg, key,
         # plugins declare ranges the same way (plugins/datasets/digits.py, plugins/objectives/simclr.py)
         (["dataset.test_fraction=1.5"], "dataset.test_fraction must be in (0, 1), got 1.5"),
         (["dataset=synthetic", "dataset.channels=2"], "dataset.channels must be one of 1, 3, got 2"),
+        (["model.dropout=1.5"], "model.dropout must be in [0, 1), got 1.5"),  # trained to chance before
+        (["model=vit_ti16", "model.attention_dropout=-0.1"], "model.attention_dropout must be in [0, 1), got -0.1"),
     ],
 )
 def test_composed_bad_values(overrides, message):

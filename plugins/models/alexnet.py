@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 from flax import nnx
@@ -37,7 +37,7 @@ class AlexNetConfig:
     """
 
     hidden: int = 4096
-    dropout: float = 0.5
+    dropout: float = field(default=0.5, metadata={"ge": 0, "lt": 1})
     num_classes: int = 0
     stem_conv: str = "direct"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 from flax import nnx
@@ -41,7 +41,7 @@ class MobileNetV2Config:
 
     width_mult: float = 1.0
     round_nearest: int = 8
-    dropout: float = 0.2
+    dropout: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
     num_classes: int = 0
     stem_conv: str = "space_to_depth"
 

@@ -24,7 +24,7 @@ class SimpleCNNConfig:
     """
 
     widths: list[int] = field(default_factory=lambda: [32, 64])
-    dropout: float = 0.1
+    dropout: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
     num_classes: int = 0
 
 

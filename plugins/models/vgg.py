@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 from flax import nnx
@@ -45,7 +45,7 @@ class VGGConfig:
     depth: int = 16
     batch_norm: bool = False
     hidden: int = 4096
-    dropout: float = 0.5
+    dropout: float = field(default=0.5, metadata={"ge": 0, "lt": 1})
     num_classes: int = 0
 
 

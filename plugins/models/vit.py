@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,8 @@ class ViTConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    attention_dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     drop_path: float = 0.0
     num_classes: int = 0
 
