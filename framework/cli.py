@@ -22,7 +22,7 @@ from prism.framework import __version__, compilation_cache
 from prism.framework.errors import ConfigError, PrismError, UnknownNameError
 from prism.framework.parallel import apply_default_xla_flags, env_process_index
 from prism.framework.registry import COMMANDS, Entry
-from prism.framework.rundir import RunDirectoryBusy, check_free, run_directory_lock
+from prism.framework.rundir import FinishedRunGuard, RunDirectoryBusy, check_free, run_directory_lock
 from prism.framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
@@ -181,14 +181,17 @@ def _train_app():
     return train
 
 
-def _check_run_dir_free(args: Sequence[str]) -> None:
-    """A single run into an explicit ``hydra.run.dir`` that a live process holds stops here, before Hydra
-    writes its ``.hydra/`` files into that directory."""
+def _check_run_dir_free(args: Sequence[str]) -> Path | None:
+    """The explicit ``hydra.run.dir`` of a single run (None without one); one that a live process holds
+    stops here, before Hydra writes its ``.hydra/`` files into that directory."""
     if any(a in ("-m", "--multirun") for a in args) or env_process_index() != 0:
-        return
+        return None
     for arg in args:
         if arg.startswith("hydra.run.dir="):
-            check_free(arg.split("=", 1)[1])
+            run_dir = Path(arg.split("=", 1)[1])
+            check_free(run_dir)
+            return run_dir
+    return None
 
 
 @COMMANDS.register("train", description="Train a model (a Hydra app: `prism train --help` lists the config groups).",
@@ -204,9 +207,10 @@ def cmd_train(args: list[str]) -> int:
         return _fail(str(exc))
     register_configs()
     try:
-        _check_run_dir_free(args)
+        run_dir = _check_run_dir_free(args)
     except RunDirectoryBusy as exc:
         return _fail(str(exc), code=1)
+    guard = FinishedRunGuard(run_dir) if run_dir is not None else None
     app = _train_app()
     saved_argv = sys.argv
     sys.argv = ["prism train", *args]
@@ -218,6 +222,10 @@ def cmd_train(args: list[str]) -> int:
         code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = saved_argv
+    attempt = guard.restore_if_failed() if guard is not None else None
+    if attempt is not None:
+        print(f"prism: the finished run in {guard.run_dir} is unchanged (result.json, .hydra/); this attempt's "
+              f"record is {attempt}", file=sys.stderr)
     if SweepTracker.current is not None:  # a sweep ran: whatever the launcher, its directory tells
         sweep_dir, before = SweepTracker.current
         summary = failure_summary(sweep_dir, sweep_jobs(sweep_dir, before))

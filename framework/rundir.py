@@ -1,23 +1,34 @@
-"""One process per run directory: a lock held for as long as a run trains there.
+"""A run directory's safety: one process at a time, and a finished run's record never overwritten.
 
 Two ``prism train`` processes in one directory would resume from each other's live checkpoints, delete each
 other's in-flight saves and interleave ``metrics.jsonl``. The lock is ``fcntl.flock`` on ``RUN_LOCK`` in the
 run directory: the kernel releases it when its holder exits, however it exits (kill -9 included), so a lock
 is never stale; the file keeps the holder's PID for the message the next process prints. The processes of
 one multi-process run share their directory: the first (rank 0, from the environment) holds the lock.
+
+A directory whose ``result.json`` says ``completed`` holds a finished run. A later attempt there that fails
+(a refused resume with another model, a bad value) writes its record under ``attempts/<time>-<pid>/`` instead
+(its ``result.json`` and the ``.hydra/`` files Hydra wrote for it), and the finished run's ``.hydra/`` files
+are put back (:class:`FinishedRunGuard`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import IO
 
 from prism.framework.errors import PrismError
 
 RUN_LOCK = ".prism.lock"
+RESULT_FILE = "result.json"
+ATTEMPTS_DIR = "attempts"
+HYDRA_DIR = ".hydra"
 
 
 class RunDirectoryBusy(PrismError):
@@ -76,3 +87,50 @@ def check_free(run_dir: str | Path) -> None:
     there: Hydra writes ``.hydra/`` before the run starts). Nothing is created when the directory is absent."""
     if (Path(run_dir) / RUN_LOCK).exists():
         RunDirectoryLock(run_dir).acquire().release()
+
+
+def finished(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (its ``result.json`` says ``completed``)."""
+    try:
+        return json.loads(Path(run_dir, RESULT_FILE).read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def failure_record(run_dir: str | Path) -> Path:
+    """Where a failed attempt in ``run_dir`` writes its ``result.json``: the run's own, or, over a finished
+    run, a new ``attempts/<time>-<pid>/`` holding it and a copy of the attempt's ``.hydra/`` files."""
+    run_dir = Path(run_dir)
+    if not finished(run_dir):
+        return run_dir / RESULT_FILE
+    attempt = run_dir / ATTEMPTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    attempt.mkdir(parents=True, exist_ok=True)
+    if (run_dir / HYDRA_DIR).is_dir():
+        shutil.copytree(run_dir / HYDRA_DIR, attempt / HYDRA_DIR, dirs_exist_ok=True)
+    return attempt / RESULT_FILE
+
+
+class FinishedRunGuard:
+    """Around a single ``prism train`` into ``run_dir``: remembers a finished run's ``.hydra/`` files (Hydra
+    rewrites them before the run starts) and puts them back when the attempt failed (a new ``attempts/``
+    entry appeared)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.saved: dict[str, bytes] | None = None
+        if finished(self.run_dir) and (self.run_dir / HYDRA_DIR).is_dir():
+            self.saved = {p.name: p.read_bytes() for p in (self.run_dir / HYDRA_DIR).iterdir() if p.is_file()}
+        self.attempts_before = self._attempts()
+
+    def _attempts(self) -> set[str]:
+        folder = self.run_dir / ATTEMPTS_DIR
+        return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def restore_if_failed(self) -> Path | None:
+        """The failed attempt's folder (after restoring the finished run's ``.hydra/``), else None."""
+        new = sorted(self._attempts() - self.attempts_before)
+        if self.saved is None or not new:
+            return None
+        for name, data in self.saved.items():
+            (self.run_dir / HYDRA_DIR / name).write_bytes(data)
+        return self.run_dir / ATTEMPTS_DIR / new[-1]

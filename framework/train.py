@@ -13,6 +13,7 @@ the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import signal
@@ -39,6 +40,7 @@ from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
 from prism.framework.resident import ResidentSplit, choose_placement, train_index_stream
+from prism.framework.rundir import failure_record
 from prism.framework.steps import TrainState, make_eval_step, make_train_step, multi_eval, multi_step
 from prism.framework.timing import Phases, TimeTo, process_seconds
 
@@ -511,6 +513,13 @@ class Trainer:
             data_iter.set_state(data_state)
         return step
 
+    def _previous_result(self) -> dict:
+        """This run directory's ``result.json`` from an earlier attempt ({} when there is none or it is unreadable)."""
+        try:
+            return json.loads((self.run_dir / RESULT_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def _preempted_message(self, received: str | None, step: int) -> str:
         if self.checkpointer is None:
             return (f"{received} received: stopped at step {step}; nothing was saved (checkpoint.enabled=false), "
@@ -567,6 +576,7 @@ class Trainer:
         if start >= self.micro_steps:  # a finished run: report its final evaluation again
             with phases("eval"):
                 eval_metrics = self.evaluate()
+            last_logged = self._previous_result().get("train_metrics") or {}
         save_every = cfg.checkpoint.every
         try:
             with _Preemption() as preemption:
@@ -639,9 +649,12 @@ class Trainer:
         return result
 
 
-def write_failure(run_dir: Path, error: BaseException, extra: Callable[[], dict] | None = None) -> None:
-    """Record a failed run in its ``result.json`` (status, error type and message)."""
+def write_failure(run_dir: Path, error: BaseException, extra: Callable[[], dict] | None = None) -> Path | None:
+    """Record a failed run in its ``result.json`` (status, error type and message); over a finished run, in a
+    new ``attempts/`` entry instead (:func:`prism.framework.rundir.failure_record`). Returns the file written."""
     if jax.process_index() != 0:
-        return
+        return None
     result = {"status": "failed", "error": f"{type(error).__name__}: {error}", **(extra() if extra else {})}
-    Path(run_dir, RESULT_FILE).write_text(to_json(result, indent=2))
+    path = failure_record(run_dir)
+    path.write_text(to_json(result, indent=2))
+    return path

@@ -277,10 +277,12 @@ def test_rerunning_a_finished_run_keeps_its_result(keep_min_run, tmp_path):
     _, result, run_dir = keep_min_run
     copy = tmp_path / "finished"
     shutil.copytree(run_dir / "checkpoints", copy / "checkpoints")
+    shutil.copy(run_dir / "result.json", copy / "result.json")
     again = Trainer(compose([*KEEP_RUN, "checkpoint.best_mode=min"]), copy).fit()
     assert again["status"] == "completed" and again["steps"] == 30
     assert again["metrics"] == result["metrics"]
     assert read_result(copy)["metrics"] == result["metrics"]
+    assert again["train_metrics"] == result["train_metrics"] != {}  # not lost by the re-run
 
 
 def _read_items(run_dir: Path, step: int) -> dict:
@@ -347,14 +349,25 @@ def test_incompatible_checkpoint_is_refused_naming_the_tensor(wide_run_dir):
     assert str(wide_run_dir / "checkpoints") in message
 
 
-def test_incompatible_checkpoint_cli_exits_2(wide_run_dir, cache_env):
+def test_incompatible_checkpoint_cli_exits_2(wide_run_dir, keep_min_run, cache_env):
+    """Refused over a finished run: the run's result.json and .hydra/ stay as they were; the attempt's own
+    record (its result.json and the .hydra/ Hydra wrote for it) goes to attempts/<time>-<pid>/."""
+    shutil.copy(keep_min_run[2] / "result.json", wide_run_dir / "result.json")
+    (wide_run_dir / ".hydra").mkdir()
+    (wide_run_dir / ".hydra" / "config.yaml").write_text("model:\n  widths: [8, 16]  # the finished run's\n")
+    finished = {p.name: p.read_bytes() for p in (wide_run_dir / "result.json", wide_run_dir / ".hydra" / "config.yaml")}
     proc = run_prism("train", *KEEP_RUN, "model.widths=[8,32]", f"hydra.run.dir={wide_run_dir}", cwd=REPO,
                      env=cache_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "prism: error:" in proc.stderr
     assert MISMATCH in proc.stderr and "expected (3, 3, 8, 32)" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert read_result(wide_run_dir)["status"] == "failed"
+    assert (wide_run_dir / "result.json").read_bytes() == finished["result.json"]
+    assert (wide_run_dir / ".hydra" / "config.yaml").read_bytes() == finished["config.yaml"]
+    [attempt] = list((wide_run_dir / "attempts").iterdir())
+    assert f"this attempt's record is {attempt}" in proc.stderr
+    assert read_result(attempt)["status"] == "failed" and MISMATCH in read_result(attempt)["error"]
+    assert "- 32" in (attempt / ".hydra" / "config.yaml").read_text()  # the refused config, kept beside
 
 
 def test_a_second_train_into_a_live_run_directory_stops_at_once(tmp_path, cache_env):
