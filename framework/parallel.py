@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -189,6 +191,16 @@ def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax
     """Assemble each host's NumPy batch into global arrays sharded over the mesh's batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in host_batch.items()}
+
+
+def valid_outputs(outputs: Any, valid: np.ndarray) -> Any:
+    """A batch's per-example ``outputs`` (a pytree of global arrays) as NumPy, on every host, without the
+    examples whose ``valid`` (this host's mask) is False: the padding of an evaluation's last batch."""
+    if jax.process_count() > 1:
+        outputs = multihost_utils.process_allgather(outputs, tiled=True)
+        valid = multihost_utils.process_allgather(valid, tiled=True)
+    keep = np.asarray(valid, bool)
+    return jax.tree.map(lambda v: np.asarray(v)[keep], outputs)
 
 
 def set_batch_stats(module: nnx.Module, mode: str, mesh: Mesh) -> list[str]:

@@ -2,8 +2,9 @@
 
 The run is rebuilt with :func:`prism.framework.evaluate.load_run` (its config and checkpoint); each image is read
 with PIL, converted to the run's channels and resized (bilinear) to its input size, as the datasets do,
-and goes through the run's normalization and the task's ``predict_outputs`` under jit, batched like an
-evaluation. The task draws the predictions (``render``: one PNG per image, at the model's input size) and
+and goes through the run's normalization and the task's ``predict_outputs`` under jit
+(:func:`prism.framework.steps.make_predict_step`), batched and unpadded as an evaluation is. The task draws
+the predictions (``render``: one PNG per image, at the model's input size) and
 describes each image's predictions for ``predictions.json`` (``prediction_record``; detection: boxes in the
 file's own pixels, scores, classes). Everything goes to ``out`` (default ``RUN_DIR/predict/<time>/``).
 """
@@ -15,10 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from prism.framework import parallel
@@ -26,8 +24,7 @@ from prism.framework.data import VALID_KEY, eval_batches
 from prism.framework.errors import DataError
 from prism.framework.evaluate import load_run
 from prism.framework.logging import to_json
-from prism.framework.steps import cast_floats, prepare_images
-from prism.framework.train import Trainer
+from prism.framework.steps import make_predict_step
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PREDICTIONS_FILE = "predictions.json"
@@ -59,20 +56,6 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, tup
         raise DataError(f"input image {path} cannot be read: {type(exc).__name__}: {exc}") from None
 
 
-def _predict_step(trainer: Trainer):
-    """jit: (state, batch of uint8 images) -> the task's predict_outputs, with the evaluation weights."""
-    graphdef, info, dtype, task = trainer.eval_graphdef, trainer.info, trainer.compute_dtype, trainer.task
-
-    def step(state, batch):
-        params = state.ema_params if state.ema_params is not None else state.params
-        params = cast_floats(params, dtype) if dtype != jnp.float32 else params
-        system = nnx.merge(graphdef, params, state.rest, copy=True)
-        outputs = task.predict_outputs(system.model, prepare_images(batch, info, dtype))
-        return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in outputs.items()}
-
-    return jax.jit(step, out_shardings=parallel.batch_sharding(trainer.mesh))
-
-
 def predict_run(run_dir: str | Path, source: str | Path, overrides: Sequence[str] = (), step: str | int = "best",
                 out_dir: str | Path | None = None) -> dict:
     """Predict on the images at ``source`` with the run in ``run_dir``; writes PNGs and ``predictions.json``."""
@@ -82,17 +65,15 @@ def predict_run(run_dir: str | Path, source: str | Path, overrides: Sequence[str
     trainer, restored = load_run(run_dir, overrides, step, out_dir)
     shape = tuple(trainer.info.image_shape)
     images, sizes = zip(*(read_image(p, shape) for p in paths), strict=True)
-    predict = _predict_step(trainer)
+    predict = jax.jit(make_predict_step(trainer.eval_graphdef, trainer.task, trainer.info, dtype=trainer.compute_dtype),
+                      out_shardings=parallel.batch_sharding(trainer.mesh))
     collected: dict[str, list[np.ndarray]] = {}
     for host_batch in eval_batches([{"image": im} for im in images], global_batch=trainer.eval_batch_size,
                                    host=trainer.eval_host):
         valid = host_batch.pop(VALID_KEY)
-        outputs = predict(trainer.state, parallel.global_batch(trainer.mesh, host_batch))
-        if jax.process_count() > 1:
-            outputs = multihost_utils.process_allgather(outputs, tiled=True)
-            valid = multihost_utils.process_allgather(valid, tiled=True)
+        outputs = parallel.valid_outputs(predict(trainer.state, parallel.global_batch(trainer.mesh, host_batch)), valid)
         for name, value in outputs.items():
-            collected.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
+            collected.setdefault(name, []).append(value)
     outputs = {name: np.concatenate(parts) for name, parts in collected.items()}
     records, pictures = [], []
     if trainer.is_main:

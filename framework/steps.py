@@ -161,14 +161,19 @@ def multi_eval(eval_step: Callable, *, batch_sharding: NamedSharding) -> Callabl
     return evaluate
 
 
+def evaluation_system(state: TrainState, eval_graphdef: Any, dtype) -> nnx.Module:
+    """The system in evaluation mode with the weights evaluation uses (the EMA ones when kept), in ``dtype``."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    compute_params = cast_floats(params, dtype) if dtype != jnp.float32 else params
+    return nnx.merge(eval_graphdef, compute_params, state.rest, copy=True)
+
+
 def make_eval_step(eval_graphdef: Any, task: Task, info: DataInfo, *, dtype) -> Callable:
     """``eval_step(state, batch) -> (task outputs, objective outputs)`` per example (see
     ``Task.eval_outputs`` and ``Objective.eval_outputs``), with the EMA parameters when kept."""
 
     def eval_step(state: TrainState, batch: dict) -> tuple[dict, dict]:
-        params = state.ema_params if state.ema_params is not None else state.params
-        compute_params = cast_floats(params, dtype) if dtype != jnp.float32 else params
-        system = nnx.merge(eval_graphdef, compute_params, state.rest, copy=True)
+        system = evaluation_system(state, eval_graphdef, dtype)
         batch = prepare_images(batch, info, dtype)
         outputs = task.eval_outputs(system.model, batch)
         objective_outputs = getattr(system.objective, "eval_outputs", None)
@@ -178,9 +183,19 @@ def make_eval_step(eval_graphdef: Any, task: Task, info: DataInfo, *, dtype) -> 
     return eval_step
 
 
+def make_predict_step(eval_graphdef: Any, task: Task, info: DataInfo, *, dtype) -> Callable:
+    """``predict_step(state, batch of uint8 images) -> the task's predict_outputs`` (no labels needed)."""
+
+    def predict_step(state: TrainState, batch: dict) -> dict:
+        system = evaluation_system(state, eval_graphdef, dtype)
+        return as_float32(task.predict_outputs(system.model, prepare_images(batch, info, dtype)))
+
+    return predict_step
+
+
 def as_float32(outputs: dict) -> dict:
     return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in outputs.items()}
 
 
-__all__ = ["TrainState", "all_finite", "cast_floats", "make_eval_step", "make_train_step", "multi_eval",
-           "multi_step", "prepare_images"]
+__all__ = ["TrainState", "all_finite", "cast_floats", "evaluation_system", "make_eval_step", "make_predict_step",
+           "make_train_step", "multi_eval", "multi_step", "prepare_images"]

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from omegaconf import DictConfig, OmegaConf
 
 from prism.framework import parallel
@@ -414,13 +413,9 @@ class Trainer:
         else:
             batches = self._host_batches(split, max_batches, raw)
         for batch, valid in batches:
-            outputs = eval_step(self.state, batch)
-            if jax.process_count() > 1:
-                outputs = multihost_utils.process_allgather(outputs, tiled=True)
-                valid = multihost_utils.process_allgather(valid, tiled=True)
-            for part, into in zip(outputs, collected, strict=True):
+            for part, into in zip(parallel.valid_outputs(eval_step(self.state, batch), valid), collected, strict=True):
                 for name, value in part.items():
-                    into.setdefault(name, []).append(np.asarray(value)[np.asarray(valid, bool)])
+                    into.setdefault(name, []).append(value)
         task_out, objective_out = ({name: np.concatenate(parts) for name, parts in c.items()} for c in collected)
         return task_out, objective_out, raw[0] if raw else {}
 
