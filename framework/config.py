@@ -113,6 +113,9 @@ class CheckpointConfig:
     best_mode: 'max' or 'min' for ``best_metric``.
     async_save: write in a background thread while training continues.
     resume: resume from the latest checkpoint in the run directory when there is one.
+    resume_changed: resume even when settings that change the run (seed, model, dataset, objective, optimizer,
+        schedule, augmentation, precision, batch size, length) differ from the checkpoint's; without it such a
+        resume is refused with the differing keys named.
     """
 
     enabled: bool = True
@@ -122,6 +125,7 @@ class CheckpointConfig:
     best_mode: str = field(default="max", metadata={"choices": ("max", "min")})
     async_save: bool = True
     resume: bool = True
+    resume_changed: bool = False
 
 
 @dataclass

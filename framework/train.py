@@ -71,6 +71,28 @@ class System(nnx.Module):
         self.objective = objective
 
 
+#: Config keys (and sections) whose values make a run what it is: a resume with other values is refused.
+RUN_DEFINING = ("seed", "precision", "model", "dataset", "objective", "optimizer", "schedule", "augment",
+                "train.batch_size", "train.steps", "train.epochs", "train.grad_accum_steps", "train.ema_decay",
+                "train.grad_clip_norm", "train.weight_decay_skip_1d")
+#: Keys inside those sections that do not change the numbers (where data lives, how a run starts).
+NOT_RUN_DEFINING = ("model.pretrained", "dataset.data_dir")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _defines_the_run(key: str) -> bool:
+    within = lambda names: any(key == n or key.startswith(n + ".") for n in names)  # noqa: E731
+    return within(RUN_DEFINING) and not within(NOT_RUN_DEFINING)
+
+
 def _build_plugin(registry, section: DictConfig, optional: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """Build ``section``'s plugin with ``kwargs``, plus those of ``optional`` its builder declares."""
     entry = registry.get(section.name)
@@ -503,10 +525,25 @@ class Trainer:
         found = self.checkpointer.restore_latest(self.abstract_state, meta_check={"model": self.cfg.model.name})
         if found is None:
             return 0
-        step, self.state, data_state, _ = found
+        step, self.state, data_state, meta = found
+        if not self.cfg.checkpoint.resume_changed:
+            self._check_same_run(step, meta.get("config") or {})
         if data_state:
             data_iter.set_state(data_state)
         return step
+
+    def _check_same_run(self, step: int, saved: dict) -> None:
+        """A ConfigError naming the settings (``RUN_DEFINING``) whose values differ from those the checkpoint
+        at ``step`` was trained with: resuming would silently mix two runs."""
+        now = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        before = _flatten(saved)
+        keys = sorted(k for k in now.keys() | before.keys() if _defines_the_run(k) and now.get(k) != before.get(k))
+        if keys:
+            changes = ", ".join(f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys[:6])
+            more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+            raise ConfigError(f"the checkpoint at step {step} in {self.checkpointer.directory} was trained with other "
+                              f"settings ({changes}{more}); rerun with the same settings, use another "
+                              f"hydra.run.dir, or set checkpoint.resume_changed=true to resume anyway")
 
     def _previous_result(self) -> dict:
         """This run directory's ``result.json`` from an earlier attempt ({} when there is none or it is unreadable)."""

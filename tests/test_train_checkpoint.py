@@ -25,7 +25,7 @@ from conftest import FAST, REPO, read_result, run_prism
 from prism.framework.checkpoint import Checkpointer
 from prism.framework.config import compose
 from prism.framework.data import train_dataset, train_iterator
-from prism.framework.errors import CheckpointError
+from prism.framework.errors import CheckpointError, ConfigError
 from prism.framework.logging import read_metrics
 from prism.framework.train import Trainer
 
@@ -337,6 +337,18 @@ def wide_run_dir(keep_min_run, tmp_path) -> Path:
 
 
 MISMATCH = "['model']['convs'][1]['kernel']"
+
+
+def test_resuming_with_settings_that_change_the_run_is_refused_naming_them(wide_run_dir):
+    trainer = Trainer(compose([*KEEP_RUN, "seed=7", "optimizer.lr=0.5", "train.log_every=3"]), wide_run_dir)
+    with pytest.raises(ConfigError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert f"the checkpoint at step 30 in {wide_run_dir / 'checkpoints'} was trained with other settings" in message
+    assert "optimizer.lr: 0.003 -> 0.5" in message and "seed: 0 -> 7" in message
+    assert "log_every" not in message and "checkpoint.resume_changed=true" in message  # logging is not the run
+    forced = Trainer(compose([*KEEP_RUN, "seed=7", "checkpoint.resume_changed=true"]), wide_run_dir).fit()
+    assert forced["status"] == "completed" and forced["steps"] == 30
 
 
 def test_incompatible_checkpoint_is_refused_naming_the_tensor(wide_run_dir):

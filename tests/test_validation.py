@@ -24,6 +24,7 @@ UNCHECKED = {
     "model", "dataset", "objective", "task", "optimizer", "schedule", "evals",
     "train.weight_decay_skip_1d", "augment.ops", "augment.views", "loader.shuffle",
     "checkpoint.enabled", "checkpoint.best_metric", "checkpoint.async_save", "checkpoint.resume",
+    "checkpoint.resume_changed",
     "logging.progress", "logging.tensorboard", "logging.plots",
 }
 
