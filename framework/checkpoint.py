@@ -120,11 +120,12 @@ def _lookup(nested: Any, keys: tuple[str, ...]) -> Any:
     return nested
 
 
-def _flatten_nested(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_nested(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """``{(key, subkey, ...): leaf}`` of nested dicts (any other value is a leaf)."""
     if isinstance(tree, dict):
         out = {}
         for k, v in tree.items():
-            out.update(_flatten_nested(v, (*prefix, str(k))))
+            out.update(flatten_nested(v, (*prefix, str(k))))
         return out
     return {prefix: tree}
 
@@ -390,7 +391,7 @@ class Checkpointer:
             tree = handler.metadata(self.step_dir(step) / "state").tree
         finally:
             handler.close()
-        return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _flatten_nested(tree).items()}
+        return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten_nested(tree).items()}
 
     def read_arrays(self, step: int, keys: list[tuple[str, ...]]) -> dict[tuple[str, ...], np.ndarray]:
         """Only the arrays at ``keys`` (paths of :meth:`tree_shapes`) of ``step``'s state, as NumPy arrays

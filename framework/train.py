@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from prism.framework import parallel
 from prism.framework.api import CopiesModelWeights, DataInfo, DataInitialized, DataSource, Task
 from prism.framework.augment import Pipeline
-from prism.framework.checkpoint import Checkpointer, signature
+from prism.framework.checkpoint import Checkpointer, flatten_nested, signature
 from prism.framework.data import VALID_KEY, eval_batches, train_iterator
 from prism.framework.errors import ConfigError, NonFiniteLossError
 from prism.framework.logging import MetricLogger, plot_curves, to_json
@@ -79,13 +79,8 @@ RUN_DEFINING = ("seed", "precision", "model", "dataset", "objective", "optimizer
 NOT_RUN_DEFINING = ("model.pretrained", "dataset.data_dir")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
+def _dotted(tree: dict) -> dict[str, Any]:
+    return {".".join(keys): value for keys, value in flatten_nested(tree).items()}
 
 
 def _defines_the_run(key: str) -> bool:
@@ -535,13 +530,14 @@ class Trainer:
     def _check_same_run(self, step: int, saved: dict) -> None:
         """A ConfigError naming the settings (``RUN_DEFINING``) whose values differ from those the checkpoint
         at ``step`` was trained with: resuming would silently mix two runs."""
-        now = _flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        before = _flatten(saved)
-        keys = sorted(k for k in now.keys() | before.keys() if _defines_the_run(k) and now.get(k) != before.get(k))
+        now = _dotted(OmegaConf.to_container(self.cfg, resolve=True))
+        before = _dotted(saved)
+        # keys both configs have: a field added to a schema since the checkpoint was written changes nothing
+        keys = sorted(k for k in now.keys() & before.keys() if _defines_the_run(k) and now[k] != before[k])
         if keys:
-            changes = ", ".join(f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys[:6])
+            changes = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in keys[:6])
             more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
-            raise ConfigError(f"the checkpoint at step {step} in {self.checkpointer.directory} was trained with other "
+            raise ConfigError(f"the checkpoint at step {step} in {self.run_dir / 'checkpoints'} was trained with other "
                               f"settings ({changes}{more}); rerun with the same settings, use another "
                               f"hydra.run.dir, or set checkpoint.resume_changed=true to resume anyway")
 

@@ -350,6 +350,17 @@ def test_resuming_with_settings_that_change_the_run_is_refused_naming_them(wide_
     forced = Trainer(compose([*KEEP_RUN, "seed=7", "checkpoint.resume_changed=true"]), wide_run_dir).fit()
     assert forced["status"] == "completed" and forced["steps"] == 30
 
+    # a field the schema gained after the checkpoint was written does not count as a change
+    from omegaconf import OmegaConf
+
+    same = Trainer(compose(KEEP_RUN), wide_run_dir / "other")
+    saved = OmegaConf.to_container(same.cfg, resolve=True)
+    del saved["model"]["dropout"]
+    same._check_same_run(30, saved)  # no error
+    saved["model"]["widths"] = [8, 99]
+    with pytest.raises(ConfigError, match=r"model\.widths: \[8, 99\] -> \[8, 16\]"):
+        same._check_same_run(30, saved)
+
 
 def test_incompatible_checkpoint_is_refused_naming_the_tensor(wide_run_dir):
     trainer = Trainer(compose([*KEEP_RUN, "model.widths=[8,32]"]), wide_run_dir)
