@@ -1,8 +1,8 @@
 """``prism bench train``: speed of the real training step of any model + objective config.
 
-The step timed is the :class:`~prism.framework.train.Trainer`'s own ``train_step`` (the one ``prism train``
-runs: augmentation, forward, backward, optimizer update, EMA/NaN guard, on the sharded global batch),
-built from the same composed config. Two data modes:
+The step timed is the Run's own training step (:class:`~prism.framework.train_programs.TrainPrograms`, the
+one ``prism train`` runs: augmentation, forward, backward, optimizer update, EMA/NaN guard, on the sharded global
+batch), built from the same composed config. Two data modes:
 
 - ``synthetic``: one global batch from the dataset is put on the devices once and fed to every step,
   so the figure is the device's compute alone (use ``dataset=synthetic`` for any resolution);
@@ -22,7 +22,6 @@ FLOP/s (known devices or ``--peak-tflops``), and peak device memory where the ba
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -33,6 +32,8 @@ from prism.framework import compilation_cache, parallel
 from prism.framework.data import train_iterator
 from prism.framework.errors import ConfigError
 from prism.framework.flops import function_flops
+from prism.framework.run import Run
+from prism.framework.train_programs import TrainPrograms
 
 #: Peak dense tensor FLOP/s per device (bf16; fp32 runs use TF32, half that), from the vendors' data sheets.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}
@@ -70,12 +71,68 @@ def _index_ms(indices, n: int) -> float:
     return (time.perf_counter() - started) / n * 1e3
 
 
+def _timed_steps(step, state, next_batch, *, steps: int, warmup: int) -> tuple[Any, dict, list[float], float]:
+    """``(state, last logs, synced step seconds, seconds of an unsynced window of ``steps`` steps)``."""
+    for _ in range(warmup):
+        state, logs = step(state, next_batch())
+    jax.block_until_ready(logs)
+    synced = []
+    for _ in range(steps):  # each step waited for: the step time alone
+        started = time.perf_counter()
+        state, logs = step(state, next_batch())
+        jax.block_until_ready(logs)
+        synced.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    for _ in range(steps):  # as fit() runs: dispatch overlaps the previous step (and host loading)
+        state, logs = step(state, next_batch())
+    jax.block_until_ready(logs)
+    return state, logs, synced, time.perf_counter() - started
+
+
+def _timed_calls(run: Run, programs: TrainPrograms, steps: int) -> tuple[float, int, float]:
+    """fit's own device-path calls on ``run.state``: ``(window seconds, steps in it, index ms per batch)``."""
+    stream, call = programs.calls()
+    per_call = programs.steps_per_call
+    calls = -(-steps // per_call)
+    jax.block_until_ready(call(per_call))
+    started = time.perf_counter()
+    for _ in range(calls):
+        logs = call(per_call)
+    jax.block_until_ready(logs)
+    window_s = time.perf_counter() - started
+    return window_s, calls * per_call, _index_ms(stream, max(steps, 20))
+
+
+def _record(cfg: DictConfig, run: Run, data: str, timings: dict[str, Any], peak: float | None) -> dict[str, Any]:
+    devices = run.mesh.devices.flatten().tolist()
+    synced, t = timings.pop("synced"), cfg.train
+    step_s = statistics.median(synced)
+    peak = peak if peak is not None else peak_tflops(devices[0], cfg.precision)
+    flops = timings["flops"]
+    return {
+        "model": cfg.model.name, "objective": cfg.objective.name, "dataset": cfg.dataset.name, "data": data,
+        "image_shape": list(run.info.image_shape), "batch_size": t.batch_size, "precision": cfg.precision,
+        "params": run.param_count, "steps": timings["steps"], "warmup": timings["warmup"],
+        "build_s": round(timings["build_s"], 3), "compile_s": round(timings["compile_s"], 3),
+        "compile_cached": timings["compile_cached"],
+        "step_ms_median": step_s * 1e3, "step_ms_min": min(synced) * 1e3, "step_ms_max": max(synced) * 1e3,
+        "img_s_median_step": t.batch_size / step_s,
+        "img_s": timings["window_steps"] * t.batch_size / timings["window_s"],
+        "steps_per_call": timings["steps_per_call"],
+        "model_tflops_per_step": flops / 1e12,
+        "xla_cost_analysis_tflops_per_device": timings["xla_flops"] / 1e12,
+        "peak_tflops_per_device": peak,
+        "mfu": flops / len(devices) / step_s / (peak * 1e12) if peak and flops else None,
+        "peak_memory_bytes": _peak_memory(devices), "index_ms": timings["index_ms"],
+        "final_loss": timings["final_loss"], "devices": len(devices), "batch_stats": cfg.parallel.batch_stats,
+        "device_kind": devices[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+    }
+
+
 def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str = "synthetic",
                 peak: float | None = None, profile: str | None = None) -> dict[str, Any]:
     """Time ``steps`` training steps of ``cfg`` after ``warmup`` (see the module docstring); with ``profile``,
     then trace 5 more steps with ``jax.profiler`` into that directory."""
-    from prism.framework.train import Trainer
-
     if steps < 1 or warmup < 1:
         raise ConfigError(f"--steps and --warmup must be >= 1, got {steps} and {warmup}")
     if data not in DATA_MODES:
@@ -83,98 +140,39 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
     if data == "device":
         cfg = cfg.copy()
         cfg.loader.placement = "device"
-    with tempfile.TemporaryDirectory(prefix="prism-bench-") as run_dir:
-        started = time.perf_counter()
-        trainer = Trainer(cfg, run_dir)
-        build_s = time.perf_counter() - started
-        t = cfg.train
-        batches = train_iterator(trainer.train_split, global_batch=t.batch_size, host=trainer.host,
-                                 seed=cfg.seed, shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
-                                 threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
-        fixed = parallel.global_batch(trainer.mesh, next(batches))
+    started = time.perf_counter()
+    run = Run(cfg)
+    programs = TrainPrograms(run)
+    timings: dict[str, Any] = {"build_s": time.perf_counter() - started, "steps": steps, "warmup": warmup}
+    t = cfg.train
+    batches = train_iterator(run.train_split, global_batch=t.batch_size, host=run.host, seed=cfg.seed,
+                             shuffle=cfg.loader.shuffle, workers=cfg.loader.workers, threads=cfg.loader.threads,
+                             prefetch=cfg.loader.prefetch)
+    fixed = parallel.global_batch(run.mesh, next(batches))
 
-        def next_batch():
-            return parallel.global_batch(trainer.mesh, next(batches)) if data == "pipeline" else fixed
+    def next_batch():
+        return parallel.global_batch(run.mesh, next(batches)) if data == "pipeline" else fixed
 
-        started, cache_before = time.perf_counter(), compilation_cache.stats()
-        lowered = trainer.train_step.lower(trainer.state, fixed)
-        step = lowered.compile()
-        compile_s = time.perf_counter() - started
-        compile_cached = compilation_cache.stats()["hits"] > cache_before["hits"]  # loaded, not compiled
-        xla_flops = _flops(step.cost_analysis())  # backend-dependent: on GPU cuDNN convolutions count ~0
-        flops = function_flops(trainer.train_step, trainer.state, fixed)  # conv + matmul, whole global batch
-        state = trainer.state
-        for _ in range(warmup):
-            state, logs = step(state, next_batch())
-        jax.block_until_ready(logs)
-        synced = []
-        for _ in range(steps):  # each step waited for: the step time alone
-            started = time.perf_counter()
-            state, logs = step(state, next_batch())
+    started, cache_before = time.perf_counter(), compilation_cache.stats()
+    step = programs.step.lower(run.state, fixed).compile()
+    timings["compile_s"] = time.perf_counter() - started
+    timings["compile_cached"] = compilation_cache.stats()["hits"] > cache_before["hits"]  # loaded, not compiled
+    timings["xla_flops"] = _flops(step.cost_analysis())  # backend-dependent: on GPU cuDNN convolutions count ~0
+    timings["flops"] = function_flops(programs.step, run.state, fixed)  # conv + matmul, whole global batch
+    state, logs, timings["synced"], timings["window_s"] = _timed_steps(step, run.state, next_batch, steps=steps,
+                                                                       warmup=warmup)
+    timings.update(window_steps=steps, final_loss=float(logs["train/loss"]), index_ms=None, steps_per_call=1)
+    if data == "device":  # fit's own calls: steps_per_call steps each, batches gathered on the device
+        run.state = state
+        timings["window_s"], timings["window_steps"], timings["index_ms"] = _timed_calls(run, programs, steps)
+        timings["steps_per_call"] = programs.steps_per_call
+        state = run.state
+    if profile:  # a few more steps under the profiler: a TensorBoard/Perfetto trace in ``profile``
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for _ in range(min(steps, 5)):
+                state, logs = step(state, next_batch())
             jax.block_until_ready(logs)
-            synced.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        for _ in range(steps):  # as fit() runs: dispatch overlaps the previous step (and host loading)
-            state, logs = step(state, next_batch())
-        jax.block_until_ready(logs)
-        window_s, window_steps = time.perf_counter() - started, steps
-        loss = float(logs["train/loss"])
-        index_ms, steps_per_call = None, 1
-        if data == "device":  # fit's own calls: steps_per_call steps each, batches gathered on the device
-            trainer.state = state
-            stream, call = trainer._train_calls()
-            steps_per_call = trainer.steps_per_call
-            calls = -(-steps // steps_per_call)
-            jax.block_until_ready(call(steps_per_call))
-            started = time.perf_counter()
-            for _ in range(calls):
-                logs = call(steps_per_call)
-            jax.block_until_ready(logs)
-            window_s, window_steps = time.perf_counter() - started, calls * steps_per_call
-            index_ms = _index_ms(stream, max(steps, 20))
-            state = trainer.state
-        if profile:  # a few more steps under the profiler: a TensorBoard/Perfetto trace in ``profile``
-            with jax.profiler.trace(profile, create_perfetto_trace=True):
-                for _ in range(min(steps, 5)):
-                    state, logs = step(state, next_batch())
-                jax.block_until_ready(logs)
-    devices = trainer.mesh.devices.flatten().tolist()
-    step_s = statistics.median(synced)
-    peak = peak if peak is not None else peak_tflops(devices[0], cfg.precision)
-    mfu = flops / len(devices) / step_s / (peak * 1e12) if peak and flops else None
-    return {
-        "model": cfg.model.name,
-        "objective": cfg.objective.name,
-        "dataset": cfg.dataset.name,
-        "data": data,
-        "image_shape": list(trainer.info.image_shape),
-        "batch_size": t.batch_size,
-        "precision": cfg.precision,
-        "params": trainer.param_count,
-        "steps": steps,
-        "warmup": warmup,
-        "build_s": round(build_s, 3),
-        "compile_s": round(compile_s, 3),
-        "compile_cached": compile_cached,
-        "step_ms_median": step_s * 1e3,
-        "step_ms_min": min(synced) * 1e3,
-        "step_ms_max": max(synced) * 1e3,
-        "img_s_median_step": t.batch_size / step_s,
-        "img_s": window_steps * t.batch_size / window_s,
-        "steps_per_call": steps_per_call,
-        "model_tflops_per_step": flops / 1e12,
-        "xla_cost_analysis_tflops_per_device": xla_flops / 1e12,
-        "peak_tflops_per_device": peak,
-        "mfu": mfu,
-        "peak_memory_bytes": _peak_memory(devices),
-        "index_ms": index_ms,
-        "final_loss": loss,
-        "devices": len(devices),
-        "batch_stats": cfg.parallel.batch_stats,
-        "device_kind": devices[0].device_kind,
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-    }
+    return _record(cfg, run, data, timings, peak)
 
 
 def summary_line(r: dict[str, Any]) -> str:

@@ -35,26 +35,21 @@ import importlib
 import importlib.metadata
 import inspect
 import types
-import warnings
 
-from prism.framework.plugins import error_text
+from prism.framework.plugins import Discovery, error_text
 
 ENTRY_POINT_GROUP = "prism.commands"
 #: The module whose import registers the built-in commands.
 BUILTIN_MODULE = "prism.framework.cli"
 
-_loaded = False
-_loading = False
-_failures: dict[str, str] = {}
 
 
 class CommandImportWarning(UserWarning):
     """A ``prism.commands`` entry point failed to load; its command is missing."""
 
 
-def _record_failure(label: str, message: str) -> None:
-    _failures[label] = message
-    warnings.warn(f"prism command {label!r} failed to load: {message}", CommandImportWarning, stacklevel=2)
+_discovery = Discovery("command", CommandImportWarning)
+_record_failure = _discovery.record
 
 
 def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
@@ -87,21 +82,15 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
 
 def load_commands(*, force: bool = False) -> None:
     """Register the built-in commands and every ``prism.commands`` entry point (once; ``force`` retries)."""
-    global _loaded, _loading
-    if (_loaded and not force) or _loading:
-        return
-    _loading = True
-    try:
-        if force:
-            _failures.clear()
+
+    def load() -> None:
         importlib.import_module(BUILTIN_MODULE)
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             _load_entry_point(ep)
-        _loaded = True
-    finally:
-        _loading = False
+
+    _discovery.run(load, force=force)
 
 
 def command_failures() -> dict[str, str]:
     """``prism.commands`` entry points that failed to load, with a one-line error each."""
-    return dict(_failures)
+    return dict(_discovery.failures)

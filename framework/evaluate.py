@@ -2,8 +2,9 @@
 
 A run's checkpoints hold, beside the train state, the exact config that built it. :func:`load_run` rebuilds
 that config (typed, through the same Hydra schema as ``prism train``), applies the caller's overrides (a
-different task: ``task=knn``; another dataset or split; evaluation batch size), builds the :class:`Trainer`
-and restores the chosen checkpoint into it. :func:`evaluate_run` then evaluates and writes
+different task: ``task=knn``; another dataset or split; evaluation batch size), builds the
+:class:`~prism.framework.run.Run` (no training programs, no run directory) and restores the chosen checkpoint
+into it. :func:`evaluate_run` then evaluates (:class:`~prism.framework.evaluators.Evaluation`) and writes
 ``RUN_DIR/eval/<task>-<step>-<time>/result.json`` (``"mode": "offline"``, the step, the overrides, the task's
 settings) plus the task's pictures of its predictions.
 
@@ -33,11 +34,12 @@ from omegaconf.errors import OmegaConfBaseException
 from prism.framework.checkpoint import Checkpointer
 from prism.framework.config import SELECTED_KINDS, CheckpointConfig, compose
 from prism.framework.errors import CheckpointError, ConfigError, UnknownNameError
+from prism.framework.evaluators import Evaluation
 from prism.framework.logging import to_json
 from prism.framework.registry import TASKS
-from prism.framework.train import PREDICTIONS_DIR, RESULT_FILE, Trainer
+from prism.framework.run import Run
+from prism.framework.rundir import CHECKPOINTS_DIR, PREDICTIONS_DIR, RESULT_FILE
 
-CHECKPOINTS_DIR = "checkpoints"
 #: The composed config Hydra writes into every run directory (used by ``eval.step=init`` without checkpoints).
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 
@@ -227,29 +229,27 @@ def saved_config(run_dir: str | Path, step: str | int | None = None) -> dict:
     return saved
 
 
-def restore(trainer: Trainer, run_dir: str | Path, saved: dict, step: str | int = "best") -> int | None:
-    """Restore the run's checkpoint at ``step`` into ``trainer`` (``init``: keep its fresh weights); returns the
+def restore(run: Run, run_dir: str | Path, saved: dict, step: str | int = "best") -> int | None:
+    """Restore the run's checkpoint at ``step`` into ``run`` (``init``: keep its fresh weights); returns the
     step restored (None for ``init``)."""
     if step == "init":
         return None
     checkpointer = _checkpointer(Path(run_dir), CheckpointConfig(**saved.get("checkpoint", {})))
     try:
         restored = _choose_step(checkpointer, step)
-        trainer.state, _, _ = checkpointer.restore(restored, trainer.abstract_state,
-                                                   meta_check={"model": trainer.cfg.model.name})
+        run.state, _, _ = checkpointer.restore(restored, run.abstract_state, meta_check={"model": run.cfg.model.name})
     finally:
         checkpointer.close()
     return restored
 
 
-def load_run(run_dir: str | Path, overrides: Sequence[str] = (), step: str | int = "best",
-             out_dir: str | Path | None = None) -> tuple[Trainer, int | None]:
-    """A :class:`Trainer` for the run in ``run_dir`` with its checkpoint at ``step`` restored (``init``:
-    freshly initialized), its config changed by ``overrides``; returns ``(trainer, step restored)``."""
+def load_run(run_dir: str | Path, overrides: Sequence[str] = (), step: str | int = "best") -> tuple[Run, int | None]:
+    """The :class:`~prism.framework.run.Run` of the run in ``run_dir`` with its checkpoint at ``step`` restored
+    (``init``: freshly initialized), its config changed by ``overrides``; returns ``(run, step restored)``."""
     run_dir = Path(run_dir)
     saved = saved_config(run_dir, step)
-    trainer = Trainer(run_config(saved, overrides), out_dir or run_dir / "eval", initialize=step == "init")
-    return trainer, restore(trainer, run_dir, saved, step)
+    run = Run(run_config(saved, overrides), initialize=step == "init")
+    return run, restore(run, run_dir, saved, step)
 
 
 def _existing_run_dir(run_dir: str | Path) -> Path:
@@ -272,7 +272,7 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), step: str |
     if out_dir is None:
         out_dir = run_dir / "eval" / _label(_parse(overrides)[0].get("task", ""), step, time.strftime("%Y%m%d-%H%M%S"))
     plan = _Plan(run_config(saved, overrides), list(overrides), Path(out_dir))
-    return _evaluate(run_dir, saved, [plan], step, Path(out_dir), started)[0]
+    return _evaluate(run_dir, saved, [plan], step, started)[0]
 
 
 def evaluate_tasks(run_dir: str | Path, tasks: Sequence[str], overrides: Sequence[str] = (),
@@ -288,29 +288,29 @@ def evaluate_tasks(run_dir: str | Path, tasks: Sequence[str], overrides: Sequenc
     root = Path(out_dir) if out_dir is not None else run_dir / "eval"
     out_dirs = [root / name if out_dir is not None else root / _label(name, step, stamp) for name in names]
     plans = _task_plans(saved, overrides, names, out_dirs)
-    return _evaluate(run_dir, saved, plans, step, root, started)
+    return _evaluate(run_dir, saved, plans, step, started)
 
 
-def _evaluate(run_dir: Path, saved: dict, plans: list[_Plan], step: str | int, root: Path,
-              started: float) -> list[dict]:
+def _evaluate(run_dir: Path, saved: dict, plans: list[_Plan], step: str | int, started: float) -> list[dict]:
     """Build the run once (with the first plan's config), build every plan's task, restore the checkpoint once,
     then evaluate and write each task. A result's ``wall_s`` is what its task added to the process: the first
     one also pays building and restoring the run, and outputs that later tasks reuse."""
-    trainer = Trainer(plans[0].cfg, root, initialize=step == "init")  # else the checkpoint gives the weights
-    tasks = [trainer.task, *(trainer.build_task(plan.cfg.task) for plan in plans[1:])]
-    restored = restore(trainer, run_dir, saved, step)
+    run = Run(plans[0].cfg, initialize=step == "init")  # else the checkpoint gives the weights
+    evaluation = Evaluation(run)
+    tasks = [run.task, *(run.build_task(plan.cfg.task) for plan in plans[1:])]
+    restored = restore(run, run_dir, saved, step)
     shared = {} if len(plans) > 1 else None  # outputs by (split, eval_outputs_key), while the state is fixed
     results, mark = [], started
     for plan, task in zip(plans, tasks, strict=True):
-        metrics = trainer.evaluate(task, shared)
-        renders = trainer.render(plan.out_dir / PREDICTIONS_DIR, plan.cfg.logging.render, task)
+        metrics = evaluation.metrics(run.state, task, shared=shared, task_name=plan.cfg.task.name)
+        renders = evaluation.render(run.state, plan.out_dir / PREDICTIONS_DIR, plan.cfg.logging.render, task)
         now = time.perf_counter()
         result = {
             "mode": "offline",
             "task": plan.cfg.task.name,
             "task_settings": task.describe(),
             "dataset": plan.cfg.dataset.name,
-            "eval_split": plan.cfg.dataset.get("eval_split", "test"),
+            "eval_split": plan.cfg.dataset.eval_split,
             "checkpoint": str(run_dir.absolute()),
             "step": restored if restored is not None else "init",
             "overrides": plan.overrides,
@@ -322,7 +322,7 @@ def _evaluate(run_dir: Path, saved: dict, plans: list[_Plan], step: str | int, r
         if len(plans) > 1:
             result["evaluated_with"] = [p.cfg.task.name for p in plans]
         mark = now
-        if trainer.is_main:
+        if run.is_main:
             plan.out_dir.mkdir(parents=True, exist_ok=True)
             (plan.out_dir / RESULT_FILE).write_text(to_json(result, indent=2))
             (plan.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(plan.cfg))

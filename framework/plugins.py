@@ -18,17 +18,45 @@ import importlib.metadata
 import pkgutil
 import traceback
 import warnings
+from collections.abc import Callable
 
 ENTRY_POINT_GROUP = "prism.plugins"
 BUILTIN_PACKAGE = "prism.plugins"
 
-_loaded = False
-_loading = False
-_failures: dict[str, str] = {}
+
+
+class Discovery:
+    """One discovery pass that runs once, lazily (a pass started while it runs is skipped: a module it imports
+    may look names up), and remembers what failed to load, each with a one-line error and a warning."""
+
+    def __init__(self, what: str, warning: type[Warning], verb: str = "load") -> None:
+        self.what, self.warning, self.verb = what, warning, verb
+        self.loaded = self.loading = False
+        self.failures: dict[str, str] = {}
+
+    def record(self, label: str, message: str) -> None:
+        self.failures[label] = message
+        warnings.warn(f"prism {self.what} {label!r} failed to {self.verb}: {message}", self.warning, stacklevel=3)
+
+    def run(self, load: Callable[[], None], *, force: bool = False) -> None:
+        """Call ``load`` unless it ran already (``force``: again, forgetting earlier failures)."""
+        if (self.loaded and not force) or self.loading:
+            return
+        self.loading = True
+        try:
+            if force:
+                self.failures.clear()
+            load()
+            self.loaded = True
+        finally:
+            self.loading = False
 
 
 class PluginImportWarning(UserWarning):
     """A plugin module raised on import; its registrations are missing."""
+
+
+_discovery = Discovery("plugin", PluginImportWarning, verb="import")
 
 
 def error_text(exc: BaseException) -> str:
@@ -39,9 +67,7 @@ def error_text(exc: BaseException) -> str:
 
 
 def _record_failure(name: str, exc: BaseException) -> None:
-    _failures[name] = error_text(exc)
-    warnings.warn(f"prism plugin {name!r} failed to import: {_failures[name]}", PluginImportWarning,
-                  stacklevel=1)
+    _discovery.record(name, error_text(exc))
 
 
 def _builtin_module_names() -> list[str]:
@@ -79,20 +105,9 @@ def _load_entry_points() -> None:
 
 def load_plugins(*, force: bool = False) -> None:
     """Import all built-in and entry-point plugins (once; ``force`` retries after a failure)."""
-    global _loaded, _loading
-    if (_loaded and not force) or _loading:
-        return
-    _loading = True
-    try:
-        if force:
-            _failures.clear()
-        _import_builtins()
-        _load_entry_points()
-        _loaded = True
-    finally:
-        _loading = False
+    _discovery.run(lambda: (_import_builtins(), _load_entry_points()), force=force)
 
 
 def plugin_failures() -> dict[str, str]:
     """Plugin modules that failed to import, with a one-line error each."""
-    return dict(_failures)
+    return dict(_discovery.failures)

@@ -62,29 +62,29 @@ def predict_run(run_dir: str | Path, source: str | Path, overrides: Sequence[str
     run_dir = Path(run_dir)
     paths = image_paths(source)
     out_dir = Path(out_dir) if out_dir else run_dir / "predict" / time.strftime("%Y%m%d-%H%M%S")
-    trainer, restored = load_run(run_dir, overrides, step, out_dir)
-    shape = tuple(trainer.info.image_shape)
+    run, restored = load_run(run_dir, overrides, step)
+    shape = tuple(run.info.image_shape)
     images, sizes = zip(*(read_image(p, shape) for p in paths), strict=True)
-    predict = jax.jit(make_predict_step(trainer.eval_graphdef, trainer.task, trainer.info, dtype=trainer.compute_dtype),
-                      out_shardings=parallel.batch_sharding(trainer.mesh))
+    predict = jax.jit(make_predict_step(run.eval_graphdef, run.task, run.info, dtype=run.compute_dtype),
+                      out_shardings=parallel.batch_sharding(run.mesh))
     collected: dict[str, list[np.ndarray]] = {}
-    for host_batch in eval_batches([{"image": im} for im in images], global_batch=trainer.eval_batch_size,
-                                   host=trainer.eval_host):
+    for host_batch in eval_batches([{"image": im} for im in images], global_batch=run.eval_batch_size,
+                                   host=run.eval_host):
         valid = host_batch.pop(VALID_KEY)
-        outputs = parallel.valid_outputs(predict(trainer.state, parallel.global_batch(trainer.mesh, host_batch)), valid)
+        outputs = parallel.valid_outputs(predict(run.state, parallel.global_batch(run.mesh, host_batch)), valid)
         for name, value in outputs.items():
             collected.setdefault(name, []).append(value)
     outputs = {name: np.concatenate(parts) for name, parts in collected.items()}
     records, pictures = [], []
-    if trainer.is_main:
+    if run.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         names = np.array([p.name for p in paths])
-        pictures = trainer.task.render({"image": np.stack(images), "filename": names}, outputs, out_dir)
+        pictures = run.task.render({"image": np.stack(images), "filename": names}, outputs, out_dir)
         for i, (path, size) in enumerate(zip(paths, sizes, strict=True)):
-            record = trainer.task.prediction_record({k: v[i] for k, v in outputs.items()}, size)
+            record = run.task.prediction_record({k: v[i] for k, v in outputs.items()}, size)
             records.append({"file": str(path), "height": size[0], "width": size[1], **record})
         result = {"checkpoint": str(run_dir.absolute()), "step": restored if restored is not None else "init",
-                  "task": trainer.cfg.task.name, "task_settings": trainer.task.describe(),
+                  "task": run.cfg.task.name, "task_settings": run.task.describe(),
                   "overrides": list(overrides), "images": records, "pictures": [str(p) for p in pictures]}
         (out_dir / PREDICTIONS_FILE).write_text(to_json(result, indent=2))
     return {"out_dir": str(out_dir), "images": len(paths), "step": restored, "pictures": [str(p) for p in pictures]}

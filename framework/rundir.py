@@ -27,6 +27,9 @@ from prism.framework.errors import PrismError
 
 RUN_LOCK = ".prism.lock"
 RESULT_FILE = "result.json"
+#: Where a run keeps its checkpoints and its pictures of predictions, inside its run directory.
+CHECKPOINTS_DIR = "checkpoints"
+PREDICTIONS_DIR = "predictions"
 ATTEMPTS_DIR = "attempts"
 HYDRA_DIR = ".hydra"
 

@@ -139,6 +139,12 @@ def validate_config(cfg: DictConfig) -> None:
     _walk(cfg, "")
 
 
+def validate_node(node: DictConfig, where: str) -> None:
+    """:func:`validate_config` for one structured node built apart (an evaluator's task), its keys named
+    ``<where>.<key>``."""
+    _walk(node, where)
+
+
 # -- before composition: '+key=value' overrides --------------------------------------------------------------
 
 

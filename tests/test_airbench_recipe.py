@@ -346,7 +346,7 @@ def test_tiny_airbench_run_trains_on_cpu(tmp_path, monkeypatch):
     images = np.stack([np.asarray(trainer.train_split[i]["image"]) for i in range(len(trainer.train_split))])
     system.model.fit_to_data(images)
     np.testing.assert_allclose(at_start, np.asarray(system.model.whiten.kernel[...]), rtol=1e-5, atol=1e-6)
-    unfitted = np.asarray(trainer._create_system(jax.random.key(cfg.seed)).model.whiten.kernel[...])
+    unfitted = np.asarray(trainer.create_system(jax.random.key(cfg.seed)).model.whiten.kernel[...])
     assert not np.allclose(at_start, unfitted)
     before = jax.device_get(trainer.state.params)
     result = trainer.fit()

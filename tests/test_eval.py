@@ -9,7 +9,7 @@ import pytest
 
 from prism.framework.errors import CheckpointError, ConfigError, UnknownNameError
 from prism.framework.evaluate import evaluate_run, evaluate_tasks, load_run, parse_task_list, run_config
-from prism.framework.train import Trainer
+from prism.framework.evaluators import Evaluation
 from tests.conftest import REPO, run_prism
 
 
@@ -54,13 +54,17 @@ def test_a_restored_run_skips_the_initial_weights_it_would_overwrite(saved_run, 
     import jax
 
     run_dir, _ = saved_run
-    trainer, step = load_run(run_dir, step="latest", out_dir=tmp_path / "latest")
-    assert step == 20 and int(trainer.state.step) == 20
-    fresh, none = load_run(run_dir, step="init", out_dir=tmp_path / "init")
+    from prism.framework.run import Run
+
+    run, step = load_run(run_dir, step="latest")
+    assert step == 20 and int(run.state.step) == 20
+    assert not hasattr(run, "programs") and not hasattr(run, "run_dir")  # no training programs, no run directory
+    fresh, none = load_run(run_dir, step="init")
     assert none is None and int(fresh.state.step) == 0
-    bare = Trainer(trainer.cfg, tmp_path / "bare", initialize=False)
+    bare = Run(run.cfg, initialize=False)
     assert bare.state is None
-    assert jax.tree.structure(bare.abstract_state) == jax.tree.structure(trainer.state)
+    assert jax.tree.structure(bare.abstract_state) == jax.tree.structure(run.state)
+    assert not (tmp_path / "bare").exists()
 
 
 def test_init_step_needs_only_the_runs_hydra_config(saved_run, tmp_path):
@@ -126,9 +130,9 @@ def test_several_tasks_in_one_call_equal_separate_calls(saved_run, tmp_path, mon
     run_dir, trained = saved_run
     before = _checkpoint_files(run_dir)
     passes = []
-    real_outputs = Trainer._eval_outputs
-    monkeypatch.setattr(Trainer, "_eval_outputs", lambda self, split, *a, **k: passes.append(len(split))
-                        or real_outputs(self, split, *a, **k))
+    real_outputs = Evaluation.outputs
+    monkeypatch.setattr(Evaluation, "outputs", lambda self, state, split, *a, **k:
+                        passes.append(len(self.run.split(split))) or real_outputs(self, state, split, *a, **k))
     results = evaluate_tasks(run_dir, ["linear_probe", "knn", "classification"],
                              ["task.epochs=5", "task.k=20", "train.eval_batch_size=64"], step="latest",
                              out_dir=tmp_path / "multi")

@@ -55,7 +55,7 @@ def test_host_and_device_placement_log_identical_losses(both):
 
 def test_several_steps_per_call_log_every_step_with_the_same_numbers(both):
     (host, host_result, host_dir), (calls, calls_result, calls_dir) = both["host"], both["calls"]
-    assert calls.steps_per_call == 6 and host.steps_per_call == 1
+    assert calls.programs.steps_per_call == 6 and host.programs.steps_per_call == 1
     ends, step = [], 0
     while step < 20:
         step += calls._call_length(step)

@@ -19,8 +19,9 @@ from prism.framework.config import compose
 from prism.framework.errors import ConfigError
 from prism.framework.evaluate import evaluate_run, evaluate_tasks
 from prism.framework.registry import TASKS
+from prism.framework.run import build_plugin
 from prism.framework.steps import prepare_images
-from prism.framework.train import Trainer, _build_plugin
+from prism.framework.train import Trainer
 from prism.plugins.tasks import knn as knn_module
 from prism.plugins.tasks.knn import KNN, KNNConfig, weighted_knn_scores
 from prism.plugins.tasks.linear_probe import LinearProbe, LinearProbeConfig
@@ -125,7 +126,7 @@ def test_linear_probe_matches_sklearn_logistic_regression_on_digits():
 def test_bad_settings_are_named(task, override, message):
     cfg = compose([f"task={task}", override])
     with pytest.raises(ConfigError, match=message):
-        _build_plugin(TASKS, cfg.task, data=DataInfo(num_classes=10, image_shape=(8, 8, 1)))
+        build_plugin(TASKS, cfg.task, data=DataInfo(num_classes=10, image_shape=(8, 8, 1)))
 
 
 def test_summarize_without_reference_says_so():

@@ -124,7 +124,7 @@ def test_byol_ema_target_follows_the_formula_in_the_trainer(tmp_path):
     data = train_iterator(trainer.train_split, global_batch=32, host=trainer.host, seed=0, workers=0)
     steps_before = 3
     for _ in range(steps_before):  # move the online weights away from the (copied) initial target
-        trainer.state, _ = trainer.train_step(trainer.state, parallel.global_batch(trainer.mesh, next(data)))
+        trainer.state, _ = trainer.programs.step(trainer.state, parallel.global_batch(trainer.mesh, next(data)))
     before = jax.device_get(trainer.state)
     assert int(before.rest["objective"]["ema_step"][...]) == steps_before
     online_model, online_proj = _named(before.params, "model"), _named(before.params, "objective", "projector")
@@ -133,7 +133,7 @@ def test_byol_ema_target_follows_the_formula_in_the_trainer(tmp_path):
     assert [x.shape for x in online_model] == [x.shape for x in target_model]
     assert any(np.abs(o - t).max() > 1e-4 for o, t in zip(online_model, target_model, strict=True))
 
-    trainer.state, logs = trainer.train_step(trainer.state, parallel.global_batch(trainer.mesh, next(data)))
+    trainer.state, logs = trainer.programs.step(trainer.state, parallel.global_batch(trainer.mesh, next(data)))
     after = jax.device_get(trainer.state)
     tau = 1 - (1 - 0.9) * (math.cos(math.pi * steps_before / total) + 1) / 2
     assert float(logs["train/tau"]) == pytest.approx(tau, rel=1e-6)

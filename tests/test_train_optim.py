@@ -99,7 +99,7 @@ def _manual_steps(overrides: list[str], run_dir, n: int = 3):
     params, ema, logs = [_host(trainer.state.params)], [_host(trainer.state.ema_params)], []
     for _ in range(n):
         batch = parallel.global_batch(trainer.mesh, next(data))
-        trainer.state, step_logs = trainer.train_step(trainer.state, batch)
+        trainer.state, step_logs = trainer.programs.step(trainer.state, batch)
         params.append(_host(trainer.state.params))
         ema.append(_host(trainer.state.ema_params))
         logs.append({k: float(v) for k, v in jax.device_get(step_logs).items()})
@@ -215,19 +215,19 @@ def test_bf16_forward_and_backward_run_in_bf16(bf16_run):
     trainer = bf16_run[0]
     host = {"image": np.zeros((32, 8, 8, 1), np.uint8), "label": np.zeros((32,), np.int32)}
     batch = parallel.global_batch(trainer.mesh, host)
-    jaxpr = jax.make_jaxpr(trainer.train_step)(trainer.state, batch)
+    jaxpr = jax.make_jaxpr(trainer.programs.step)(trainer.state, batch)
     convs = [e for e in _equations(jaxpr) if e.primitive.name == "conv_general_dilated"]
     dots = [e for e in _equations(jaxpr) if e.primitive.name == "dot_general"]
     assert len(convs) >= 2 and dots  # forward and gradient convolutions, the linear head
     for eqn in convs + dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
-    outputs = jax.tree.leaves(jax.eval_shape(trainer.train_step, trainer.state, batch))
+    outputs = jax.tree.leaves(jax.eval_shape(trainer.programs.step, trainer.state, batch))
     assert all(x.dtype != jnp.bfloat16 for x in outputs)  # the state and logs leave the step in float32
 
 
 def test_fp32_forward_runs_in_float32(tmp_path):
     trainer = Trainer(compose([*FAST, *QUIET]), tmp_path / "fp32")
     host = {"image": np.zeros((32, 8, 8, 1), np.uint8), "label": np.zeros((32,), np.int32)}
-    jaxpr = jax.make_jaxpr(trainer.train_step)(trainer.state, parallel.global_batch(trainer.mesh, host))
+    jaxpr = jax.make_jaxpr(trainer.programs.step)(trainer.state, parallel.global_batch(trainer.mesh, host))
     convs = [e for e in _equations(jaxpr) if e.primitive.name == "conv_general_dilated"]
     assert convs and all(v.aval.dtype == jnp.float32 for e in convs for v in e.invars)

@@ -121,7 +121,7 @@ def test_fsdp_shards_kernels_and_trains_like_data_parallel(four_devices, tmp_pat
 def _all_reduces(trainer: Trainer) -> int:
     host = {"image": np.zeros((32, 8, 8, 1), np.uint8), "label": np.zeros(32, np.int32)}
     batch = parallel.global_batch(trainer.mesh, host)
-    return trainer.train_step.lower(trainer.state, batch).compile().as_text().count(" all-reduce(")
+    return trainer.programs.step.lower(trainer.state, batch).compile().as_text().count(" all-reduce(")
 
 
 def test_per_device_batch_stats_take_each_devices_shard_and_skip_the_syncs(four_devices, tmp_path):
