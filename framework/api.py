@@ -85,6 +85,42 @@ class DataInitialized(Protocol):
     def fit_to_data(self, images: np.ndarray) -> None: ...
 
 
+class FeatureModel(Protocol):
+    """A model whose pooled backbone output can be read: what self-supervised objectives, kNN and the linear
+    probe need. ``features(x)`` gives ``(batch, num_features)``."""
+
+    num_features: int
+
+    def features(self, x: jax.Array) -> jax.Array: ...
+
+
+class Detector(Protocol):
+    """A detection model: ``detect(images) -> (boxes, scores)`` (normalized corner boxes, per-class scores)."""
+
+    def detect(self, images: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+
+def contract_members(contract: type) -> list[str]:
+    """The attributes and methods a Protocol declares (annotated attributes first), in declaration order."""
+    methods = [n for n, v in vars(contract).items() if callable(v) and not n.startswith("_")]
+    return [*getattr(contract, "__annotations__", {}), *methods]
+
+
+def missing_members(model: Any, contract: type) -> list[str]:
+    """The members of ``contract`` that ``model`` lacks (methods must be callable, ``int`` attributes ints)."""
+    missing = []
+    annotations = getattr(contract, "__annotations__", {})
+    for name in contract_members(contract):
+        value = getattr(model, name, None)
+        if name in annotations:
+            ok = value is not None and (annotations[name] not in (int, "int") or isinstance(value, int))
+        else:
+            ok = callable(value)
+        if not ok:
+            missing.append(f"{name}()" if name not in annotations else name)
+    return missing
+
+
 class Objective(nnx.Module):
     """The training signal. Subclasses may own trainable parts (projection heads, predictors).
 
@@ -97,7 +133,15 @@ class Objective(nnx.Module):
     ``eval_outputs(model, batch)`` lets an objective add to evaluation what only it can measure (an
     online probe it trains, say): per-example arrays like the task's, averaged over the evaluation split
     and reported as ``eval/<name>`` beside the task's metrics (a name both report is an error).
+
+    ``model_contract``: the Protocol (e.g. :class:`FeatureModel`) the model must satisfy; checked when the run
+    is built, with a one-line error naming the model and what it lacks. ``takes_step``: when True the step
+    calls ``objective(model, batch, key, step=...)`` with the training step about to be taken (0-based, a
+    traced int32), for schedules driven by the run's step rather than a counter of the objective's own.
     """
+
+    model_contract: type | None = None
+    takes_step: bool = False
 
     @abstractmethod
     def __call__(self, model: nnx.Module, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
@@ -134,8 +178,10 @@ class Task(ABC):
       ``image``, then one JSON-able record per image; ``render`` draws them.
     """
 
-    #: Keys a batch must hold for this task.
+    #: Keys a batch must hold for this task (checked against the dataset's examples when the run is built).
     batch_keys: tuple[str, ...] = ("image",)
+    #: The Protocol the model must satisfy for this task (e.g. :class:`FeatureModel`); checked at build time.
+    model_contract: type | None = None
     #: Split whose outputs ``summarize`` also receives as ``reference`` (None: none).
     reference_split: str | None = None
 

@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="prism bench", description="Benchmark a run config (flags before or after the overrides).")
     parser.add_argument("what", choices=["data", "train"],
-                        help="'data': dataset + host pipeline + on-device augmentation; 'train': the Trainer's "
+                        help="'data': dataset + host pipeline + on-device augmentation; 'train': the run's "
                              "train step (forward, backward, update)")
     parser.add_argument("--batches", type=int, default=50, help="data: timed batches (default 50)")
     parser.add_argument("--steps", type=int, default=20, help="train: timed steps (default 20)")

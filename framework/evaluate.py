@@ -298,6 +298,8 @@ def _evaluate(run_dir: Path, saved: dict, plans: list[_Plan], step: str | int, s
     run = Run(plans[0].cfg, initialize=step == "init")  # else the checkpoint gives the weights
     evaluation = Evaluation(run)
     tasks = [run.task, *(run.build_task(plan.cfg.task) for plan in plans[1:])]
+    for plan, task in zip(plans[1:], tasks[1:], strict=True):
+        run.check_task(task, plan.cfg.task.name, plan.cfg.dataset.eval_split)
     restored = restore(run, run_dir, saved, step)
     shared = {} if len(plans) > 1 else None  # outputs by (split, eval_outputs_key), while the state is fixed
     results, mark = [], started

@@ -224,6 +224,7 @@ def _evaluator(run: Run, name: str, entry: Any) -> Evaluator:
         raise ConfigError(f"{where}.split must be a split name, got {split!r}")
     try:
         task = run.task if section == run.cfg.task else run.build_task(section)
+        run.check_task(task, section.name, split)
     except ConfigError as exc:  # the task's own check, named after the plugin's key: say which evaluator
         raise ConfigError(f"{where}: {exc}") from None
     return Evaluator(name, task, section.name, split, _cadence(run, entry, where))
@@ -231,17 +232,15 @@ def _evaluator(run: Run, name: str, entry: Any) -> Evaluator:
 
 def build_evaluators(run: Run) -> list[Evaluator]:
     """The run's evaluators from ``evals`` (None: one, ``main``, the run's task on the evaluation split every
-    ``train.eval_every`` steps). Each evaluator's split is opened here, so a wrong name fails before training."""
+    ``train.eval_every`` steps). Each evaluator's split is opened and its task checked against the model and the
+split's examples here, so a wrong entry fails before training."""
     evals = run.cfg.get("evals")
     if evals is None:
         return [Evaluator(MAIN, run.task, run.cfg.task.name, run.cfg.dataset.eval_split, run.eval_every)]
     evals = OmegaConf.to_container(evals, resolve=True) if isinstance(evals, DictConfig) else evals
     if not isinstance(evals, Mapping) or not evals:
         raise ConfigError(f"evals must be a non-empty mapping of evaluator names to settings, got {evals!r}")
-    evaluators = [_evaluator(run, str(name), entry) for name, entry in evals.items()]
-    for evaluator in evaluators:
-        run.split(evaluator.split)
-    return evaluators
+    return [_evaluator(run, str(name), entry) for name, entry in evals.items()]
 
 
 def metric_owner(evaluators: list[Evaluator], metric: str) -> Evaluator | None:

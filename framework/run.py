@@ -22,7 +22,7 @@ from flax import nnx
 from omegaconf import DictConfig
 
 from prism.framework import parallel
-from prism.framework.api import CopiesModelWeights, DataInfo, DataInitialized, DataSource, Task
+from prism.framework.api import CopiesModelWeights, DataInfo, DataInitialized, DataSource, Task, missing_members
 from prism.framework.errors import ConfigError
 from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
@@ -158,6 +158,28 @@ class Run:
         """The task of config ``section`` (a ``task`` node) for this run's dataset."""
         return build_plugin(TASKS, section, data=self.info)
 
+    def check_task(self, task: Task, task_name: str, split_name: str) -> None:
+        """A one-line ConfigError when ``task`` cannot run on this model or on the split's examples: a member
+        of its ``model_contract`` the model lacks, or a key of its ``batch_keys`` the examples lack."""
+        self._check_contract(task.model_contract, f"task {task_name!r}")
+        split = self.split(split_name)
+        if not len(split):
+            return
+        keys = set(split[0])
+        missing = [k for k in task.batch_keys if k not in keys]
+        if missing:
+            raise ConfigError(f"task {task_name!r} needs examples with {', '.join(missing)}; dataset "
+                              f"{self.cfg.dataset.name!r} (split {split_name!r}) gives {', '.join(sorted(keys))}: "
+                              f"choose a task for this data, or a dataset for this task")
+
+    def _check_contract(self, contract: type | None, who: str) -> None:
+        if contract is None:
+            return
+        missing = missing_members(self.abstract_system.model, contract)
+        if missing:
+            raise ConfigError(f"{who} needs a model with {', '.join(missing)} ({contract.__name__}); model "
+                              f"{self.cfg.model.name!r} ({type(self.abstract_system.model).__name__}) has not")
+
     # -- model and state ------------------------------------------------------------------------
     def create_system(self, key: jax.Array) -> System:
         """The model and objective, freshly initialized from ``key``."""
@@ -178,6 +200,10 @@ class Run:
         self.graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
         abstract_system.eval()
         self.eval_graphdef, _, _ = nnx.split(abstract_system, nnx.Param, ...)
+        #: the model and objective as built, with abstract arrays (what contracts are checked against)
+        self.abstract_system = abstract_system
+        self._check_contract(abstract_system.objective.model_contract, f"objective {self.cfg.objective.name!r}")
+        self.check_task(self.task, self.cfg.task.name, self.cfg.dataset.eval_split)
         tx, use_ema = self.optimizer.tx, self.cfg.train.ema_decay > 0
 
         def init(k: jax.Array) -> TrainState:

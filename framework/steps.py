@@ -102,7 +102,8 @@ def make_train_step(graphdef: Any, optimizer: OptimizerBundle, info: DataInfo, *
         def loss_fn(params):
             compute_params = cast_floats(params, dtype) if dtype != jnp.float32 else params
             system = nnx.merge(graphdef, compute_params, state.rest, copy=True)
-            loss, metrics = system.objective(system.model, batch, key)
+            step = {"step": state.step} if getattr(system.objective, "takes_step", False) else {}
+            loss, metrics = system.objective(system.model, batch, key, **step)
             _, _, new_rest = nnx.split(system, nnx.Param, ...)
             return loss.astype(jnp.float32), (metrics, new_rest)
 

@@ -287,7 +287,8 @@ class Trainer(Run):
                 ranked, stop = self._evaluate_step(progress, logger, last)
                 if step % self.save_every == 0 or last or stop or preemption.requested:
                     with self.phases("checkpoint"):
-                        self._save(step, data_iter, progress.eval_metrics if ranked else None)
+                        ranking = dict(progress.eval_metrics) if ranked else None  # a copy: orbax keeps the dict
+                        self._save(step, data_iter, ranking)
                 if stop:
                     break
                 if preemption.requested and not last:

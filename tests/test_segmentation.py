@@ -289,9 +289,10 @@ def test_unet_isbi2012_preset_trains_and_reports_exact_metrics(tmp_path):
     test = [trainer.eval_split[i] for i in range(len(trainer.eval_split))]
     assert len(test) == 5
     predictions = []
+    eval_step = trainer.evaluation.programs(trainer.task)[0]
     for ex in test:
         batch = parallel.global_batch(trainer.mesh, {k: np.stack([v] * 4) for k, v in ex.items()})
-        predictions.append(np.asarray(trainer.eval_step(trainer.state, batch)[0]["prediction"])[0])
+        predictions.append(np.asarray(eval_step(trainer.state, batch)[0]["prediction"])[0])
     raw = np.stack([ex["mask"] for ex in test])
     want = numpy_metrics(np.stack(predictions), raw, 2)
     for key, name in (("pixel_accuracy", "pixel_accuracy"), ("iou/1", "iou/membrane"), ("dice/1", "dice/membrane"),

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from prism.framework.api import Batch, DataInfo, Objective
+from prism.framework.api import Batch, DataInfo, FeatureModel, Objective, missing_members
 from prism.framework.errors import ConfigError
 from prism.framework.layers import BatchNorm
 
@@ -136,9 +136,10 @@ class MomentumCopy(nnx.Module):
 
 def num_features_of(model: nnx.Module, method: str) -> int:
     """The backbone width, or a ConfigError saying what a self-supervised objective needs from a model."""
-    if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "num_features", None), int):
-        raise ConfigError(f"objective {method!r} needs a model with a features(x) method and an integer "
-                          f"num_features attribute (the pooled backbone output); {type(model).__name__} has not")
+    missing = missing_members(model, FeatureModel)
+    if missing:
+        raise ConfigError(f"objective {method!r} needs a model with {', '.join(missing)} (FeatureModel: the pooled "
+                          f"backbone output); {type(model).__name__} has not")
     return model.num_features
 
 
@@ -151,6 +152,7 @@ class SSLObjective(Objective):
 
     method: str = "ssl"
     augment_preset: str = "simclr"
+    model_contract = FeatureModel
 
     def __init__(self, cfg: SSLConfig, *, model: nnx.Module, data: DataInfo, rngs: nnx.Rngs) -> None:
         self.num_features = num_features_of(model, self.method)

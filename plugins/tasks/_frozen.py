@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prism.framework.api import Batch, Task
+from prism.framework.api import Batch, FeatureModel, Task
 from prism.framework.errors import ConfigError
 
 
@@ -36,12 +36,10 @@ class FrozenFeatureTask(Task):
 
     name: str = "frozen_features"
     batch_keys = ("image", "label")
+    model_contract = FeatureModel
     reference_split: str | None = "train"
 
     def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        if not callable(getattr(model, "features", None)):
-            raise ConfigError(f"task {self.name!r} needs a model with a features(x) method (the pooled backbone "
-                              f"output); {type(model).__name__} has not")
         features = model.features(batch["image"]).astype(jnp.float32)
         if features.ndim != 2:
             raise ConfigError(f"task {self.name!r}: model.features(x) must return (batch, num_features), got "

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from prism.framework.api import Batch, DataInfo, Task
+from prism.framework.api import Batch, DataInfo, Detector, Task
 from prism.framework.errors import ConfigError
 from prism.framework.registry import METRICS, TASKS
 from prism.plugins.metrics.detection import Detections
@@ -50,6 +50,7 @@ class DetectionConfig:
 
 class Detection(Task):
     batch_keys = ("image", "boxes", "box_valid", "labels")
+    model_contract = Detector
 
     def __init__(self, cfg: DetectionConfig, info: DataInfo) -> None:
         if cfg.max_detections < 1 or cfg.top_k < 1:
@@ -64,11 +65,7 @@ class Detection(Task):
 
     # -- under jit --------------------------------------------------------------------------------------
     def predict_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        detect = getattr(model, "detect", None)
-        if detect is None:
-            raise ConfigError(f"task 'detection' needs a detection model with detect(images) -> (boxes, scores); "
-                              f"{type(model).__name__} has none (use e.g. model=yolov3)")
-        boxes, scores = detect(batch["image"])
+        boxes, scores = model.detect(batch["image"])
         out = batched_nms(jnp.clip(boxes.astype(jnp.float32), 0.0, 1.0), scores.astype(jnp.float32),
                           iou_threshold=self.cfg.iou_threshold, score_threshold=self.cfg.score_threshold,
                           top_k=self.cfg.top_k, max_detections=self.cfg.max_detections)
@@ -76,10 +73,6 @@ class Detection(Task):
                 "pred_valid": out.valid}
 
     def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        missing = [k for k in self.batch_keys if k not in batch]
-        if missing:
-            raise ConfigError(f"task 'detection' needs batches with {list(self.batch_keys)}; the dataset gives "
-                              f"{sorted(batch)} (missing {missing}): use a detection dataset such as voc_folder")
         return {**self.predict_outputs(model, batch), "gt_boxes": batch["boxes"], "gt_valid": batch["box_valid"],
                 "gt_labels": batch["labels"]}
 

@@ -17,17 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prism.framework.api import Batch, DataInfo, Task
-from prism.framework.errors import ConfigError
+from prism.framework.api import Batch, DataInfo, FeatureModel, Task
 from prism.framework.registry import TASKS
 
 
 class SelfSupervised(Task):
     batch_keys = ("image", "label")  # labels feed the objective's online probe
+    model_contract = FeatureModel
 
     def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        if not callable(getattr(model, "features", None)):
-            raise ConfigError(f"task 'ssl' needs a model with a features(x) method; {type(model).__name__} has not")
         features = model.features(batch["image"]).astype(jnp.float32)
         norm = jnp.sqrt(jnp.maximum(jnp.sum(features * features, axis=-1, keepdims=True), 1e-24))
         return {"features": features / norm}
