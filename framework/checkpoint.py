@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,22 +135,28 @@ def to_nested(tree: Any) -> dict:
     return _nest([(keys, _stored(leaf)) for keys, _, leaf in state_leaves(tree)])
 
 
-def _target(abstract_tree: Any, version: int) -> dict:
-    """orbax's restore target for ``abstract_tree``: shapes, dtypes and shardings, in the layout of ``version``."""
+def _target(abstract_tree: Any, version: int, absent: Collection[str] = ()) -> dict:
+    """orbax's restore target for ``abstract_tree``: shapes, dtypes and shardings, in the layout of ``version``
+    (the leaves named in ``absent`` left out)."""
     def spec(leaf: Any) -> Any:
         leaf = _stored(leaf)
         return leaf if hasattr(leaf, "sharding") else ocp.utils.to_shape_dtype_struct(leaf)
 
-    entries = state_leaves(abstract_tree)
+    entries = [entry for entry in state_leaves(abstract_tree) if entry[1] not in absent]
     if version == 1:
         return {name: spec(leaf) for _, name, leaf in entries}
     return _nest([(keys, spec(leaf)) for keys, _, leaf in entries])
 
 
-def _rebuild(restored: dict, abstract_tree: Any, version: int) -> Any:
-    """The pytree shaped like ``abstract_tree`` from orbax's restored dict."""
+def _rebuild(restored: dict, abstract_tree: Any, version: int, filled: Mapping[str, Any] | None = None) -> Any:
+    """The pytree shaped like ``abstract_tree`` from orbax's restored dict; leaves named in ``filled`` (absent
+    from the checkpoint) get that value."""
     leaves = []
+    filled = filled or {}
     for keys, name, ref in state_leaves(abstract_tree):
+        if name in filled:
+            leaves.append(jax.device_put(jnp.full(ref.shape, filled[name], ref.dtype), getattr(ref, "sharding", None)))
+            continue
         value = restored[name] if version == 1 else _lookup(restored, keys)
         if _is_key(ref):
             # jax.random.key_impl accepts only concrete keys; the restore target is abstract
@@ -423,20 +429,22 @@ class Checkpointer:
                     f"older prism, or the run ended before sealing it): restored without verification")
         return None
 
-    def restore(self, step: int, abstract_state: Any, *, meta_check: dict | None = None
-                ) -> tuple[Any, Any, dict]:
+    def restore(self, step: int, abstract_state: Any, *, meta_check: dict | None = None,
+                defaults: Mapping[str, Any] | None = None) -> tuple[Any, Any, dict]:
         """Restore ``(state, data_state, meta)`` at ``step`` into ``abstract_state``'s shapes/shardings.
 
         Verifies the step's checksums first (when it has them) and every restored float array after.
         Raises :class:`CheckpointError` naming the first mismatching tensor when the checkpoint was written by
         a different model or optimizer, and :class:`CorruptCheckpointError` (a ``CheckpointError``) when the
         checkpoint is corrupt, unreadable or holds NaN/inf. Remarks (no checksums) go to :attr:`notes`.
+        ``defaults``: ``{display name: value}`` of leaves a checkpoint written before they existed may lack (a
+        counter added to the train state): they are filled with that value instead of refusing the checkpoint.
         """
         self.notes = []
-        return self._restore(step, abstract_state, meta_check, self.notes)
+        return self._restore(step, abstract_state, meta_check, self.notes, defaults or {})
 
-    def _restore(self, step: int, abstract_state: Any, meta_check: dict | None, notes: list[str]
-                 ) -> tuple[Any, Any, dict]:
+    def _restore(self, step: int, abstract_state: Any, meta_check: dict | None, notes: list[str],
+                 defaults: Mapping[str, Any]) -> tuple[Any, Any, dict]:
         where = f"the checkpoint at step {step} in {self.directory}"
         note = self.verify(step)
         if note:
@@ -448,10 +456,10 @@ class Checkpointer:
             found = {k: shape for k, (shape, _) in self.tree_shapes(step).items()}
         except Exception as exc:
             raise CorruptCheckpointError(f"{where} is unreadable: {_one_line(exc)}") from exc
-        expected = []
-        for keys, name, leaf in state_leaves(abstract_state):
-            expected.append(((name,) if version == 1 else keys, name, tuple(np.shape(_stored(leaf)))))
-        problem = _mismatch(expected, found)
+        expected = [((name,) if version == 1 else keys, name, tuple(np.shape(_stored(leaf))))
+                    for keys, name, leaf in state_leaves(abstract_state)]
+        absent = {name for keys, name, _ in expected if name in defaults and keys not in found}
+        problem = _mismatch([e for e in expected if e[1] not in absent], found)
         if problem:
             raise CheckpointError(
                 f"{where} does not fit this run: {problem}. It was written for model {meta.get('model', '?')!r}; "
@@ -460,19 +468,19 @@ class Checkpointer:
             )
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_target(abstract_state, version)),
+                state=ocp.args.StandardRestore(_target(abstract_state, version, absent)),
                 data=ocp.args.JsonRestore(),
             ))
         except Exception as exc:  # orbax's messages name internals; ours names the directory
             raise CorruptCheckpointError(f"could not restore {where}: {_one_line(exc)}") from exc
-        state = _rebuild(dict(restored["state"]), abstract_state, version)
+        state = _rebuild(dict(restored["state"]), abstract_state, version, {n: defaults[n] for n in absent})
         bad = first_nonfinite(state)
         if bad is not None:
             raise CorruptCheckpointError(f"{where} holds NaN or inf values (array {bad})")
         return state, restored["data"], meta
 
-    def restore_latest(self, abstract_state: Any, *, meta_check: dict | None = None
-                       ) -> tuple[int, Any, Any, dict] | None:
+    def restore_latest(self, abstract_state: Any, *, meta_check: dict | None = None,
+                       defaults: Mapping[str, Any] | None = None) -> tuple[int, Any, Any, dict] | None:
         """``(step, state, data_state, meta)`` of the newest usable checkpoint; None when there is none.
 
         A step that is corrupt or unreadable (see :meth:`restore`) is skipped with a note naming it and why, and
@@ -489,7 +497,7 @@ class Checkpointer:
         skipped: list[tuple[int, str]] = []
         for step in steps:
             try:
-                state, data_state, meta = self._restore(step, abstract_state, meta_check, self.notes)
+                state, data_state, meta = self._restore(step, abstract_state, meta_check, self.notes, defaults or {})
             except CorruptCheckpointError as exc:
                 reason = str(exc)
                 skipped.append((step, reason))

@@ -58,8 +58,11 @@ class TrainConfig:
         gives the seconds (from process start and from the first step) at which each was first reached.
     stop_at: end the run at the first evaluation whose ``checkpoint.best_metric`` reaches this value
         (0 disables; 'reaches' follows ``checkpoint.best_mode``).
-    max_bad_steps: stop after this many steps whose loss, gradients or new parameters were not finite
-        (such steps are never applied).
+    max_bad_steps: stop after this many steps whose loss, gradients or new non-parameter state (BatchNorm
+        statistics, EMA targets) were not finite; such steps are never applied (the weights, optimizer state and
+        statistics stay as before them), counted in the train state and in ``result.json``'s ``skipped_steps``.
+        The check runs at each log step and before each save, so with ``train.log_every`` > 1 a few more bad
+        steps may be counted before the run stops.
     """
 
     steps: int = field(default=0, metadata={"ge": 0})

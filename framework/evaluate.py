@@ -39,6 +39,7 @@ from prism.framework.logging import to_json
 from prism.framework.registry import TASKS
 from prism.framework.run import Run
 from prism.framework.rundir import CHECKPOINTS_DIR, PREDICTIONS_DIR, RESULT_FILE
+from prism.framework.steps import STATE_DEFAULTS
 
 #: The composed config Hydra writes into every run directory (used by ``eval.step=init`` without checkpoints).
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
@@ -237,7 +238,8 @@ def restore(run: Run, run_dir: str | Path, saved: dict, step: str | int = "best"
     checkpointer = _checkpointer(Path(run_dir), CheckpointConfig(**saved.get("checkpoint", {})))
     try:
         restored = _choose_step(checkpointer, step)
-        run.state, _, _ = checkpointer.restore(restored, run.abstract_state, meta_check={"model": run.cfg.model.name})
+        run.state, _, _ = checkpointer.restore(restored, run.abstract_state, meta_check={"model": run.cfg.model.name},
+                                               defaults=STATE_DEFAULTS)
     finally:
         checkpointer.close()
     return restored

@@ -210,7 +210,7 @@ class Run:
             _, params, rest = nnx.split(self.create_system(k), nnx.Param, ...)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                               opt_state=tx.init(params), ema_params=params if use_ema else None,
-                              bad_step=jnp.full((), -1, jnp.int32))
+                              bad_step=jnp.full((), -1, jnp.int32), bad_steps=jnp.zeros((), jnp.int32))
 
         abstract = jax.eval_shape(init, key)
         self.state_shardings = parallel.state_shardings(self.mesh, abstract)

@@ -31,6 +31,12 @@ class TrainState(NamedTuple):
     opt_state: Any
     ema_params: Any  # parameter EMA (or None)
     bad_step: jax.Array  # first step (1-based, as logged) whose loss was not finite (-1: none)
+    bad_steps: jax.Array  # how many steps were not applied because something they computed was not finite
+
+
+#: Values of the :class:`TrainState` leaves that checkpoints written before those leaves existed lack
+#: (``Checkpointer.restore(defaults=...)``): no step was skipped.
+STATE_DEFAULTS = {".bad_steps": 0}
 
 
 def cast_floats(tree: Any, dtype) -> Any:
@@ -116,7 +122,8 @@ def make_train_step(graphdef: Any, optimizer: OptimizerBundle, info: DataInfo, *
             ema = jax.tree.map(lambda e, p: jnp.where(updated, ema_decay * e + (1 - ema_decay) * p, e),
                                ema, params)
         bad = jnp.where((state.bad_step < 0) & ~finite, state.step + 1, state.bad_step)
-        new_state = TrainState(state.step + 1, params, new_rest, opt_state, ema, bad)
+        new_state = TrainState(state.step + 1, params, new_rest, opt_state, ema, bad,
+                               state.bad_steps + (~finite).astype(jnp.int32))
         logs = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": schedule(state.step // accum),
                 **{f"train/{k}": v for k, v in metrics.items()}}
         return new_state, logs
@@ -198,5 +205,5 @@ def as_float32(outputs: dict) -> dict:
     return {k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in outputs.items()}
 
 
-__all__ = ["TrainState", "all_finite", "cast_floats", "evaluation_system", "make_eval_step", "make_predict_step",
-           "make_train_step", "multi_eval", "multi_step", "prepare_images"]
+__all__ = ["STATE_DEFAULTS", "TrainState", "all_finite", "cast_floats", "evaluation_system", "make_eval_step",
+           "make_predict_step", "make_train_step", "multi_eval", "multi_step", "prepare_images"]

@@ -33,6 +33,7 @@ from prism.framework.evaluators import Evaluation, Evaluator, build_evaluators, 
 from prism.framework.logging import MetricLogger, plot_curves, to_json
 from prism.framework.run import RUN_ONCE, Run, System
 from prism.framework.rundir import CHECKPOINTS_DIR, PREDICTIONS_DIR, RESULT_FILE, failure_record
+from prism.framework.steps import STATE_DEFAULTS
 from prism.framework.timing import TimeTo, process_seconds
 from prism.framework.train_programs import TrainPrograms
 
@@ -119,6 +120,7 @@ class Trainer(Run):
         ranked_every = self.ranking.every if self.ranking is not None else self.eval_every
         self.save_every = cfg.checkpoint.every or ranked_every
         self.checkpointer: Checkpointer | None = None  # opened by fit(), closed when it returns
+        self._skipped_reported = 0  # skipped (non-finite) steps already reported
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, task: Task | None = None, shared: dict | None = None) -> dict[str, float]:
@@ -154,20 +156,33 @@ class Trainer(Run):
         self.checkpointer.save(step, self.state, data_state=data_iter.get_state(), meta=self._meta(),
                                metrics=metrics)
 
-    def _check_finite(self) -> None:
-        bad = int(jax.device_get(self.state.bad_step))
-        if bad >= 0:
-            last = self.checkpointer.latest_step() if self.checkpointer else None
-            kept = f"the last good checkpoint is step {last} in {self.checkpointer.directory}" if last is not None \
-                else "no checkpoint was written"
-            raise NonFiniteLossError(
-                f"the training loss, gradients or BatchNorm statistics became NaN/inf at step {bad}; that step's "
-                f"update was not applied, {kept}. Lower optimizer.lr, enable train.grad_clip_norm, or check the data.")
+    def _check_finite(self, logger: MetricLogger | None = None) -> None:
+        """Stop the run (NonFiniteLossError) once ``train.max_bad_steps`` steps were skipped for a non-finite loss,
+        gradient, parameter or statistic; below that, say so once per newly skipped step."""
+        count, first = (int(x) for x in jax.device_get((self.state.bad_steps, self.state.bad_step)))
+        limit = self.cfg.train.max_bad_steps
+        if count == 0:
+            return
+        if count < limit:
+            if logger is not None and count > self._skipped_reported:
+                logger.message(f"{count} step(s) skipped so far for NaN/inf values (the first at step {first}); the "
+                               f"run stops at train.max_bad_steps={limit}")
+            self._skipped_reported = count
+            return
+        last = self.checkpointer.latest_step() if self.checkpointer else None
+        kept = f"the last good checkpoint is step {last} in {self.checkpointer.directory}" if last is not None \
+            else "no checkpoint was written"
+        which = f"at step {first}; that step's update was" if count == 1 else \
+            f"at step {first}; its update and those of {count - 1} later step(s) (train.max_bad_steps={limit}) were"
+        raise NonFiniteLossError(
+            f"the training loss, gradients or BatchNorm statistics became NaN/inf {which} not applied, {kept}. "
+            f"Lower optimizer.lr, enable train.grad_clip_norm, or check the data.")
 
     def _maybe_resume(self, data_iter) -> int:
         if self.checkpointer is None or not self.cfg.checkpoint.resume:
             return 0
-        found = self.checkpointer.restore_latest(self.abstract_state, meta_check={"model": self.cfg.model.name})
+        found = self.checkpointer.restore_latest(self.abstract_state, meta_check={"model": self.cfg.model.name},
+                                                 defaults=STATE_DEFAULTS)
         if found is None:
             return 0
         step, self.state, data_state, meta = found
@@ -225,7 +240,7 @@ class Trainer(Run):
         fetched = jax.device_get(logs)  # the only sync between calls
         stacked = self.programs.steps_per_call > 1
         rows = [{k: float(v[s - first - 1] if stacked else v) for k, v in fetched.items()} for s in due]
-        self._check_finite()
+        self._check_finite(logger)
         rate = logger.progress(first + count, loss=rows[-1]["train/loss"], images_per_step=self.cfg.train.batch_size)
         for s, row in zip(due, rows, strict=True):
             logger.write(s, {**row, "train/images_per_s": rate})
@@ -339,6 +354,7 @@ class Trainer(Run):
             "total_steps": self.micro_steps,
             "wall_s": round(time.perf_counter() - started, 3),
             "best_step": self.checkpointer.best_step() if self.checkpointer else None,
+            "skipped_steps": int(jax.device_get(self.state.bad_steps)),  # not applied: NaN/inf (train.max_bad_steps)
             "params": self.param_count,
             "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind,

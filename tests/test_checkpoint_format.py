@@ -28,6 +28,7 @@ from prism.framework.config import CheckpointConfig, compose
 from prism.framework.errors import CheckpointError, NonFiniteLossError
 from prism.framework.pretrained import WeightsError, load_pretrained
 from prism.framework.registry import MODELS
+from prism.framework.steps import STATE_DEFAULTS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint_v1"
 #: The overrides that wrote the fixture (see its README).
@@ -203,12 +204,17 @@ def test_a_format_1_checkpoint_restores_bit_for_bit(v1_run, tmp_path):
     checkpointer = Checkpointer(v1_run / "checkpoints", CheckpointConfig())
     try:
         assert checkpointer.format_version(2) == 1
-        state, data_state, meta = checkpointer.restore(2, trainer.abstract_state, meta_check={"model": "simple_cnn"})
+        with pytest.raises(CheckpointError, match=r"tensor \.bad_steps .* is missing from the checkpoint"):
+            checkpointer.restore(2, trainer.abstract_state)  # a leaf added since: refused unless given a default
+        state, data_state, meta = checkpointer.restore(2, trainer.abstract_state, meta_check={"model": "simple_cnn"},
+                                                       defaults=STATE_DEFAULTS)
         assert len(checkpointer.notes) == 1 and "no prism_checksums.json" in checkpointer.notes[0]
-        found = checkpointer.restore_latest(trainer.abstract_state)
+        found = checkpointer.restore_latest(trainer.abstract_state, defaults=STATE_DEFAULTS)
     finally:
         checkpointer.close()
+    assert int(state.bad_steps) == 0  # the counter the fixture predates starts at "nothing skipped"
     restored = _flat(state)
+    restored.pop(".bad_steps")
     assert restored.keys() == expected.keys()
     for name, value in expected.items():
         assert restored[name].dtype == value.dtype, name

@@ -154,3 +154,68 @@ def test_cli_nan_exits_2_with_a_nan_message(tmp_path):
     result = read_result(run_dir)
     assert result["status"] == "failed" and result["error"].startswith("NonFiniteLossError")
     assert not (run_dir / "checkpoints").exists() or not _checkpoint_steps(run_dir)
+
+
+@dataclass
+class NaNOnConfig:
+    steps: tuple[int, ...] = (4, 7)  # 0-based training steps whose loss is NaN (logged as steps 5 and 8)
+
+
+class NaNOn(Objective):
+    """Cross-entropy, NaN at the configured steps only: transient divergence (a bad batch), not a blow-up."""
+
+    takes_step = True
+
+    def __init__(self, steps) -> None:
+        self.steps = tuple(steps)
+
+    def __call__(self, model, batch, key, *, step):
+        logits = model(batch["image"]).astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        bad = jnp.any(jnp.asarray(self.steps) == step)
+        return loss * jnp.where(bad, jnp.nan, 1.0), {}
+
+
+def _nan_on_run(run_dir, *overrides):
+    OBJECTIVES.register("test_nan_on", config=NaNOnConfig)(lambda cfg, *, model, data, rngs: NaNOn(cfg.steps))
+    try:
+        trainer = Trainer(compose([*FAST, "objective=test_nan_on", "train.steps=10", "train.log_every=1",
+                                   "checkpoint.every=1", "checkpoint.keep=20", "checkpoint.best_metric=''",
+                                   "logging.tensorboard=false", "logging.plots=false", *overrides]), run_dir)
+        return trainer, trainer.fit
+    finally:
+        OBJECTIVES.unregister("test_nan_on")
+        ConfigStore.instance().repo.get("objective", {}).pop("test_nan_on.yaml", None)
+
+
+def _params_at(trainer, run_dir, step):
+    from prism.framework.checkpoint import Checkpointer
+    from prism.framework.config import CheckpointConfig
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", CheckpointConfig(best_metric=""), read_only=True)
+    try:
+        state, _, _ = checkpointer.restore(step, trainer.abstract_state)
+    finally:
+        checkpointer.close()
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+def test_below_max_bad_steps_the_run_skips_the_bad_steps_and_completes(tmp_path):
+    trainer, fit = _nan_on_run(tmp_path, "train.max_bad_steps=3")
+    result = fit()
+    assert result["status"] == "completed" and result["steps"] == 10 and result["skipped_steps"] == 2
+    # the skipped steps changed nothing: the weights after step 5 (NaN) are those after step 4; step 6 trains
+    before, skipped, after = (_params_at(trainer, tmp_path, s) for s in (4, 5, 6))
+    for a, b in zip(before, skipped, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(skipped, after, strict=True))
+    logged = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert [i + 1 for i, v in enumerate(logged) if not np.isfinite(float(v))] == [5, 8]  # logged ("nan")
+
+
+def test_at_max_bad_steps_the_run_stops_naming_the_first(tmp_path):
+    _, fit = _nan_on_run(tmp_path, "train.max_bad_steps=2")
+    with pytest.raises(NonFiniteLossError, match=r"at step 5; its update and those of 1 later step\(s\) "
+                                                 r"\(train.max_bad_steps=2\) were not applied, the last good "
+                                                 r"checkpoint is step 7"):
+        fit()
