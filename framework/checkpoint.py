@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ FORMAT_KEY = "prism_checkpoint_format"
 FORMAT = 2
 #: Written into a step directory once its save is complete: ``{"algorithm": "sha256", "files": {path: hex}}``.
 CHECKSUMS_FILE = "prism_checksums.json"
+#: Room a save needs beyond its arrays: orbax's metadata, the data-iterator state, the config and checksums.
+SAVE_OVERHEAD_BYTES = 1 << 20
 #: Suffix of a step directory that :meth:`Checkpointer.restore_latest` moved aside as unusable.
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -265,18 +268,27 @@ def verify_checksums(step_dir: str | Path) -> str | None:
 READ_ONLY_NOTICE = "Given directory is read only=%s"
 
 
-class _DropReadOnlyNotice(logging.Filter):
+#: orbax's warning for a save without metrics while a best metric is tracked: prism saves between evaluations
+#: on purpose (``checkpoint.every`` off the evaluation cadence); such steps are kept as the latest, not ranked.
+TRACKED_METRIC_NOTICE = "Requested `tracked_metric`; did not provide metrics."
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, messages: tuple[str, ...]) -> None:
+        super().__init__()
+        self.messages = messages
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != READ_ONLY_NOTICE
+        return record.msg not in self.messages
 
 
 @contextlib.contextmanager
-def _quiet_read_only_notice() -> Iterator[None]:
-    """Drop orbax's warning that a read-only manager is read-only (``prism eval`` opens one on purpose and
-    printed it twice per run); only that message, only while the manager is created."""
+def _quiet(*messages: str) -> Iterator[None]:
+    """Drop orbax notices that describe what prism does on purpose (a read-only manager for ``prism eval``, a
+    save between evaluations); only those messages, only inside the block."""
     from absl import logging as absl_logging
 
-    logger, notice_filter = absl_logging.get_absl_logger(), _DropReadOnlyNotice()
+    logger, notice_filter = absl_logging.get_absl_logger(), _DropNotices(messages)
     logger.addFilter(notice_filter)
     try:
         yield
@@ -321,7 +333,7 @@ class Checkpointer:
             best_mode=cfg.best_mode,
             read_only=read_only,
         )
-        with _quiet_read_only_notice() if read_only else contextlib.nullcontext():
+        with _quiet(READ_ONLY_NOTICE) if read_only else contextlib.nullcontext():
             self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -357,15 +369,30 @@ class Checkpointer:
             raise NonFiniteLossError(f"refusing to save the checkpoint at step {step} in {self.directory}: array "
                                      f"{bad} holds NaN or inf values; {kept}")
         self._seal()
+        self._check_space(step, state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(to_nested(state)),
             data=ocp.args.JsonSave(data_state if data_state is not None else {}),
             meta=ocp.args.JsonSave(meta or {}),
         )
-        self.manager.save(step, args=args, metrics=metrics, force=True, custom_metadata={FORMAT_KEY: FORMAT})
+        with _quiet(TRACKED_METRIC_NOTICE):
+            self.manager.save(step, args=args, metrics=metrics, force=True, custom_metadata={FORMAT_KEY: FORMAT})
         self._unsealed.append(step)
         if not self.cfg.async_save:
             self._seal()
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuse (one line) a save the disk has no room for: orbax would fail in background threads, each
+        printing its traceback, and leave a partial step behind."""
+        needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) // max(jax.process_count(), 1)
+        needed = int(needed * 1.1) + SAVE_OVERHEAD_BYTES
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            last = self.latest_step()
+            kept = f"the last checkpoint, step {last}, is kept" if last is not None else "no checkpoint was written"
+            raise CheckpointError(f"no space for the checkpoint at step {step} in {self.directory}: it needs about "
+                                  f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free ({kept}); free space, "
+                                  f"lower checkpoint.keep or choose another hydra.run.dir")
 
     def _seal(self) -> None:
         """Wait for pending saves, then write the checksums of the steps saved since the last seal."""

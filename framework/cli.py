@@ -1,7 +1,7 @@
 """The ``prism`` command: ``prism COMMAND [ARGS]``, each command an entry of the ``COMMANDS`` registry.
 
 Built-in commands: ``train`` (a Hydra app), ``eval``, ``predict``, ``list [KIND]``, ``bench``, ``sweep-report DIR``,
-registered below with ``@COMMANDS.register``; packages add theirs through the entry point group
+``reproduce NAME``, registered below with ``@COMMANDS.register``; packages add theirs through the entry point group
 ``prism.commands`` (:mod:`prism.framework.commands`). ``prism --help`` lists them all.
 
 Errors the user can fix (:class:`prism.framework.errors.PrismError`) are printed as one message and exit
@@ -22,7 +22,14 @@ from prism.framework import __version__, compilation_cache
 from prism.framework.errors import ConfigError, PrismError, UnknownNameError
 from prism.framework.parallel import apply_default_xla_flags, env_process_index
 from prism.framework.registry import COMMANDS, Entry
-from prism.framework.rundir import FinishedRunGuard, RunDirectoryBusy, check_free, run_directory_lock
+from prism.framework.rundir import (
+    FinishedRunGuard,
+    RunDirectoryBusy,
+    check_free,
+    check_writable,
+    disk_failure,
+    run_directory_lock,
+)
 from prism.framework.sweep import SweepTracker, failure_summary, sweep_jobs
 
 log = logging.getLogger("prism")
@@ -149,7 +156,7 @@ def _train_app():
     def train(cfg) -> float | None:
         """Train one run; returns the final ``checkpoint.best_metric`` (what Hydra's sweepers optimize)."""
         from prism.framework.sweep import claim_devices
-        from prism.framework.train import Trainer, write_failure
+        from prism.framework.train import Trainer
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -165,11 +172,16 @@ def _train_app():
             if compilation_cache.directory() is not None:
                 log.info("%s (%s)", compilation_cache.summary(since=cache_before), compilation_cache.directory())
         except Exception as exc:
+            disk = disk_failure(exc, where=run_dir)
+            unrecorded = None
             if not isinstance(exc, RunDirectoryBusy):  # the live run's record is not this process's to write
-                write_failure(run_dir, exc)
+                unrecorded = _record_failure(run_dir, exc)
             if multirun:  # the other jobs go on; the sweep reports this one at the end (cmd_train)
-                log.error("job %s failed: %s: %s", run_dir, type(exc).__name__, exc)
+                log.error("job %s failed: %s", run_dir, disk or f"{type(exc).__name__}: {exc}")
                 return None
+            if disk is not None:
+                raise SystemExit(_fail(f"{disk}; free space or choose another hydra.run.dir{unrecorded or ''}")) \
+                    from None
             if isinstance(exc, PrismError):
                 raise SystemExit(_fail(str(exc))) from None
             raise
@@ -181,17 +193,36 @@ def _train_app():
     return train
 
 
-def _check_run_dir_free(args: Sequence[str]) -> Path | None:
-    """The explicit ``hydra.run.dir`` of a single run (None without one); one that a live process holds
-    stops here, before Hydra writes its ``.hydra/`` files into that directory."""
-    if any(a in ("-m", "--multirun") for a in args) or env_process_index() != 0:
-        return None
-    for arg in args:
-        if arg.startswith("hydra.run.dir="):
-            run_dir = Path(arg.split("=", 1)[1])
-            check_free(run_dir)
-            return run_dir
+def _record_failure(run_dir: Path, exc: BaseException) -> str | None:
+    """Write the failed run's record; when the disk refuses that too, the clause saying so (None: written)."""
+    from prism.framework.train import write_failure
+
+    try:
+        write_failure(run_dir, exc)
+    except OSError as write_error:
+        return f" (its result.json could not be written either: {disk_failure(write_error, run_dir) or write_error})"
     return None
+
+
+def _check_run_dir_free(args: Sequence[str]) -> Path | None:
+    """The explicit ``hydra.run.dir`` of a single run (None without one); one that a live process holds, or
+    one that cannot be written, stops here, before Hydra writes its ``.hydra/`` files into that directory.
+    Without an explicit directory the working directory, where Hydra puts ``outputs/`` or ``multirun/``, must
+    be writable."""
+    if env_process_index() != 0:
+        return None
+    explicit = {key: Path(arg.split("=", 1)[1]) for arg in args for key in ("hydra.run.dir", "hydra.sweep.dir")
+                if arg.startswith(key + "=")}
+    if any(a in ("-m", "--multirun") for a in args):
+        check_writable(explicit.get("hydra.sweep.dir", Path.cwd()))
+        return None
+    run_dir = explicit.get("hydra.run.dir")
+    if run_dir is None:
+        check_writable(Path.cwd())
+        return None
+    check_writable(run_dir)
+    check_free(run_dir)
+    return run_dir
 
 
 @COMMANDS.register("train", description="Train a model (a Hydra app: `prism train --help` lists the config groups).",
@@ -208,8 +239,9 @@ def cmd_train(args: list[str]) -> int:
     register_configs()
     try:
         run_dir = _check_run_dir_free(args)
-    except RunDirectoryBusy as exc:
+    except PrismError as exc:  # busy or unwritable: nothing was written there
         return _fail(str(exc), code=1)
+    logging.raiseExceptions = False  # a log file on a full disk: no "--- Logging error ---" traceback per record
     guard = FinishedRunGuard(run_dir) if run_dir is not None else None
     app = _train_app()
     saved_argv = sys.argv
@@ -385,6 +417,15 @@ def cmd_sweep_report(args: list[str]) -> int:
     from prism.framework.sweep_report import main as report_main
 
     return report_main(args)
+
+
+@COMMANDS.register("reproduce", description="Run experiments' claims (experiments/*/claim.yaml) over seeds and "
+                                              "check them: mean ± std, bootstrap CI, pass/fail/inconclusive.",
+                   usage="prism reproduce NAME... | --all [--smoke] [--seeds N] [--out DIR] [key=value ...] | --list")
+def cmd_reproduce(args: list[str]) -> int:
+    from prism.framework.reproduce import main as reproduce_main
+
+    return reproduce_main(args)
 
 
 def find_command(name: str) -> Entry | None:

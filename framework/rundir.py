@@ -15,10 +15,13 @@ are put back (:class:`FinishedRunGuard`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import IO
@@ -36,6 +39,70 @@ HYDRA_DIR = ".hydra"
 
 class RunDirectoryBusy(PrismError):
     """Another live process trains in this run directory."""
+
+
+class RunDirectoryUnwritable(PrismError):
+    """The run directory cannot be written (read-only, no permission, no space)."""
+
+
+#: The errors of a disk that refuses a write, as a user reads them.
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+               errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.EDQUOT: "disk quota exceeded"}
+#: How orbax/tensorstore report an OS error inside their own exceptions (``[os_error_code='28']``) and the file.
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+_FILE = re.compile(r'(?:local file|Failed writing:) "([^"]+)"')
+
+
+def check_writable(directory: str | Path) -> None:
+    """Raise :class:`RunDirectoryUnwritable` (one line) unless a file can be created in ``directory`` (made when
+    missing): before a run starts, so that a read-only or full disk is named at once, not as a flood of
+    tracebacks from the first checkpoint's background threads."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".prism-probe-", dir=directory)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = DISK_ERRORS.get(exc.errno, exc.strerror or str(exc))
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != directory else ""
+        raise RunDirectoryUnwritable(f"cannot write the run directory {directory}: {reason}{where}; choose a "
+                                     f"writable hydra.run.dir") from None
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it): a full disk leaves the previous
+    file, never a truncated or empty one."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def disk_failure(exc: BaseException, where: str | Path | None = None) -> str | None:
+    """``cannot write FILE: REASON (errno N)`` when ``exc`` (or an exception it came from) is a disk refusing a
+    write (full, read-only, no permission), including orbax's and tensorstore's wrapped reports; else None.
+    ``where`` names the place when the error names no file (a write to an open file)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = current.errno if isinstance(current, OSError) else None
+        if code not in DISK_ERRORS:
+            found = _OS_CODE.search(str(current))
+            code = int(found.group(1)) if found else None
+        if code in DISK_ERRORS:
+            path = getattr(current, "filename", None) or next(iter(_FILE.findall(str(current))), None)
+            return f"cannot write {path or where or 'the run directory'}: {DISK_ERRORS[code]} (errno {code})"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class RunDirectoryLock:

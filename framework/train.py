@@ -32,7 +32,7 @@ from prism.framework.errors import ConfigError, NonFiniteLossError
 from prism.framework.evaluators import Evaluation, Evaluator, build_evaluators, metric_owner
 from prism.framework.logging import MetricLogger, plot_curves, to_json
 from prism.framework.run import RUN_ONCE, Run, System
-from prism.framework.rundir import CHECKPOINTS_DIR, PREDICTIONS_DIR, RESULT_FILE, failure_record
+from prism.framework.rundir import CHECKPOINTS_DIR, PREDICTIONS_DIR, RESULT_FILE, failure_record, write_text_atomic
 from prism.framework.steps import STATE_DEFAULTS
 from prism.framework.timing import TimeTo, process_seconds
 from prism.framework.train_programs import TrainPrograms
@@ -339,7 +339,7 @@ class Trainer(Run):
                 self.render(self.run_dir / PREDICTIONS_DIR, cfg.logging.render)
         result = self._result(progress, started)
         if self.is_main:
-            (self.run_dir / RESULT_FILE).write_text(to_json(result, indent=2))
+            write_text_atomic(self.run_dir / RESULT_FILE, to_json(result, indent=2))
             if cfg.logging.plots:
                 plot_curves(self.run_dir)
         return result
@@ -387,7 +387,7 @@ def write_failure(run_dir: Path, error: BaseException, extra: Callable[[], dict]
         return None
     result = {"status": "failed", "error": f"{type(error).__name__}: {error}", **(extra() if extra else {})}
     path = failure_record(run_dir)
-    path.write_text(to_json(result, indent=2))
+    write_text_atomic(path, to_json(result, indent=2))
     return path
 
 

@@ -413,3 +413,17 @@ def test_a_second_train_into_a_live_run_directory_stops_at_once(tmp_path, cache_
     done = run_prism("train", *args, cwd=REPO, env=cache_env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_result(run_dir)["status"] == "completed"
+
+
+def test_saves_between_evaluations_keep_the_latest_without_orbax_warnings(tmp_path, caplog):
+    """``checkpoint.every`` off the evaluation cadence: the in-between saves are kept as the latest (not ranked),
+    the best stays an evaluated step, and orbax's 'did not provide metrics' warning (once per save) is gone."""
+    import logging
+
+    from prism.framework.checkpoint import TRACKED_METRIC_NOTICE
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        result = Trainer(compose([*FAST, "checkpoint.every=7", "checkpoint.keep=2", "logging.tensorboard=false",
+                                  "logging.plots=false"]), tmp_path).fit()
+    assert not [r for r in caplog.records if r.msg == TRACKED_METRIC_NOTICE]
+    assert _steps(tmp_path / "checkpoints")[-2:] == [14, 20] and result["best_step"] in (10, 20)
