@@ -191,7 +191,9 @@ def test_cifar10_resnet18_presets_compose(name, objective, lr, temperature):
         pytest.skip("model resnet18 is not registered (plugins/models/resnet.py absent)")
     cfg = compose([f"+experiment={name}"])
     assert cfg.objective.name == objective and cfg.model.name == "resnet18" and cfg.model.stem == "cifar"
-    assert cfg.dataset.name == "tfds" and cfg.dataset.builder == "cifar10"
+    assert cfg.dataset.name == "image_folder" and cfg.loader.placement == "device"
+    # the online probe every epoch, a kNN on frozen features every 10 epochs (the evaluators of the run)
+    assert cfg.evals.main == {} and cfg.evals.knn.task == "knn" and cfg.evals.knn.every_epochs == 10
     assert cfg.optimizer.name == "lars" and cfg.optimizer.lr == lr and cfg.schedule.name == "warmup_cosine"
     assert cfg.train.batch_size == 256 and cfg.train.epochs == 1000
     assert _views_crop_sizes(cfg) == [[32, 32], [32, 32]]
