@@ -121,10 +121,11 @@ class Evaluation:
         return self.run.cfg.dataset.train_split if name == "train" else name
 
     def metrics(self, state: TrainState, task: Task, *, split_name: str | None = None, shared: dict | None = None,
-                prefix: str = "eval", task_name: str | None = None) -> dict[str, float]:
+                prefix: str = "eval", task_name: str | None = None, with_objective: bool = True) -> dict[str, float]:
         """The task's metrics over the split (default: the evaluation split; padding masked out), on every host,
-        plus the means of the objective's evaluation outputs, as ``<prefix>/<metric>``. A task with a
-        ``reference_split`` also gets its outputs over that split. ``shared``: see :meth:`shared_outputs`."""
+        plus (``with_objective``) the means of the objective's evaluation outputs, as ``<prefix>/<metric>``. A
+        task with a ``reference_split`` also gets its outputs over that split. ``shared``: see
+        :meth:`shared_outputs`."""
         run = self.run
         split_name = split_name or run.cfg.dataset.eval_split
         task_out, objective_out = self.shared_outputs(state, split_name, task, shared)
@@ -138,7 +139,8 @@ class Evaluation:
             name = task_name or getattr(task, "name", type(task).__name__)
             raise ConfigError(f"objective {run.cfg.objective.name!r} and task {name!r} both report "
                               f"evaluation metric(s) {clash}")
-        metrics.update({name: float(np.mean(values)) for name, values in objective_out.items()})
+        if with_objective:
+            metrics.update({name: float(np.mean(values)) for name, values in objective_out.items()})
         return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
     def render(self, state: TrainState, directory: Path, count: int, task: Task) -> list[Path]:
@@ -162,6 +164,12 @@ class Evaluator:
     task_name: str
     split: str
     every: int
+
+    def reports_objective(self, evaluators: list[Evaluator]) -> bool:
+        """Whether this evaluator reports the objective's evaluation outputs (an online probe): the ``main``
+        evaluator, or the first one when there is no ``main`` (once per run, not under every name)."""
+        names = [e.name for e in evaluators]
+        return self.name == MAIN if MAIN in names else self.name == names[0]
 
     @property
     def prefix(self) -> str:

@@ -141,7 +141,8 @@ class Trainer(Run):
         for evaluator in due:
             metrics.update(self.evaluation.metrics(self.state, evaluator.task, split_name=evaluator.split,
                                                    shared=shared, prefix=evaluator.prefix,
-                                                   task_name=evaluator.task_name))
+                                                   task_name=evaluator.task_name,
+                                                   with_objective=evaluator.reports_objective(self.evaluators)))
         return metrics, any(e is self.ranking for e in due)
 
     # -- checkpoints ----------------------------------------------------------------------------

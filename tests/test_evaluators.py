@@ -71,6 +71,13 @@ def test_without_evals_the_run_has_its_one_evaluator(run):
     assert metric_owner([main], "eval/accuracy") is main and metric_owner([main], "knn/top1") is None
 
 
+def test_the_objectives_outputs_are_reported_by_one_evaluator(run):
+    main, knn = _evaluators(run, {"main": {}, "knn": {"task": "knn"}})
+    assert main.reports_objective([main, knn]) and not knn.reports_objective([main, knn])
+    first, second = _evaluators(run, {"a": {}, "b": {}})
+    assert first.reports_objective([first, second]) and not second.reports_objective([first, second])
+
+
 def test_an_evaluator_of_the_runs_task_shares_it_and_another_gets_its_own(run):
     same, other = _evaluators(run, {"a": {"every": 3}, "b": {"task_overrides": {"top_k": 2}}})
     assert same.task is run.task and same.every == 3 and same.prefix == "a"
@@ -80,7 +87,7 @@ def test_an_evaluator_of_the_runs_task_shares_it_and_another_gets_its_own(run):
 @pytest.mark.parametrize(("evals", "message"), [
     ({"a": {"tsk": "knn"}}, "unknown key evals.a.tsk"),
     ({"a": {"task": "knn", "task_overrides": {"kk": 3}}}, "unknown key evals.a.task_overrides.kk"),
-    ({"a": {"task": "knn", "task_overrides": {"k": 0}}}, "evals.a: task.k"),
+    ({"a": {"task": "knn", "task_overrides": {"k": 0}}}, "evals.a.task_overrides.k must be >= 1, got 0"),
     ({"a": {"every": -2}}, "evals.a.every"),
     ({"a": {"every": 2, "every_epochs": 1}}, "not both"),
     ({"a": {"every_epochs": 0}}, "evals.a.every_epochs"),
