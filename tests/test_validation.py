@@ -5,6 +5,7 @@ value of each is one ConfigError naming the key, the value and the range; keys n
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +16,15 @@ from omegaconf import OmegaConf, open_dict
 
 from prism.framework.config import COMMON_FIELDS, PrismConfig, compose
 from prism.framework.errors import ConfigError
-from prism.framework.registry import DATASETS, MODELS
-from prism.framework.validate import check_added_keys, checks_of, describe, iter_schema_fields, validate_config
+from prism.framework.registry import DATASETS, MODELS, REGISTRIES
+from prism.framework.validate import (
+    CHECK_KEYS,
+    check_added_keys,
+    checks_of,
+    describe,
+    iter_schema_fields,
+    validate_config,
+)
 
 #: Root-schema fields that take any value of their type: flags, a metric name, free-form lists and nodes
 #: (checked where they are read), and the plugin groups (each plugin's dataclass declares its own ranges).
@@ -221,6 +229,91 @@ def test_declared_metadata_keys_are_known():
 
     for key, f, _ in SCHEMA:
         assert set(f.metadata) <= set(CHECK_KEYS), key
+
+
+#: Numeric and list fields of the built-in plugins' configs that take any value of their type (``kind/name.field``).
+PLUGIN_UNCHECKED = {
+    "dataset/mask_folder.class_names",  # display names, any strings (the builder checks their count)
+    "dataset/voc_folder.classes",  # VOC object names in label order, any strings
+}
+
+
+def _plugin_fields(kind: str) -> list[tuple[str, type, dataclasses.Field, typing.Any]]:
+    """``(plugin name, config class, field, resolved type)`` for every field of every ``kind`` plugin's config."""
+    from prism.framework.plugins import load_plugins
+
+    load_plugins()
+    rows = []
+    for name in REGISTRIES[kind].names():
+        config = REGISTRIES[kind].get(name).config
+        if config is None:
+            continue
+        types = typing.get_type_hints(config)
+        rows.extend((name, config, f, types.get(f.name, f.type)) for f in dataclasses.fields(config))
+    return rows
+
+
+def _good_value(checks: dict, kind):
+    """A value inside what ``checks`` allow (of the field's type)."""
+    if "choices" in checks:
+        return checks["choices"][0]
+    step = 1 if _is_int(kind) else 0.5
+    low = checks.get("ge", checks["gt"] + step if "gt" in checks else None)
+    high = checks.get("le", checks["lt"] - step if "lt" in checks else None)
+    if "gt" in checks and "lt" in checks and not _is_int(kind):
+        return (checks["gt"] + checks["lt"]) / 2
+    return low if low is not None else high if high is not None else 0
+
+
+@pytest.mark.parametrize("kind", ["model", "dataset", "objective", "task", "optimizer", "schedule"])
+def test_a_bad_value_of_each_plugin_field_is_a_config_error_naming_it(kind):
+    """Every checked field of every registered ``kind`` plugin, in a config that selects the plugin: a value just
+    outside its range is one ConfigError naming ``<kind>.<field>``, the allowed range and the value."""
+    tested: dict[str, int] = {}
+    base_of: dict[str, typing.Any] = {}
+    for name, _, f, field_type in _plugin_fields(kind):
+        checks = checks_of(f)
+        if not checks:
+            continue
+        if name not in base_of:  # compose once per plugin; its defaults pass
+            base_of[name] = compose([f"{kind}={name}"])
+        key = f"{kind}.{f.name}"
+        is_list = typing.get_origin(field_type) is list
+        element = typing.get_args(field_type)[0] if is_list else field_type
+        range_checks = {k: v for k, v in checks.items() if k != "when"}
+        for bad in _bad_values(range_checks, element):
+            cfg = copy.deepcopy(base_of[name])
+            if "when" in checks:  # make the condition hold (warmup_fraction is read while warmup_steps is -1)
+                sibling, value = checks["when"]
+                OmegaConf.update(cfg, f"{kind}.{sibling}", value)
+            OmegaConf.update(cfg, key, [_good_value(range_checks, element), bad] if is_list else bad)
+            with pytest.raises(ConfigError) as info:
+                validate_config(cfg)
+            message = str(info.value)
+            assert "\n" not in message, (name, message)
+            assert message.startswith(f"{key}[1] must be " if is_list else f"{key} must be "), (name, message)
+            assert describe(range_checks) in message, (name, message)
+            assert message.endswith(f"got {bad!r}"), (name, message)
+            tested[name] = tested.get(name, 0) + 1
+    assert tested, f"no {kind} plugin declares a range"
+    assert set(tested) == set(base_of)
+
+
+def test_every_numeric_or_list_field_of_a_builtin_plugin_declares_its_range_or_is_known_free():
+    """A new number or list in a built-in plugin's config needs metadata={'ge': ...} (or a place in
+    PLUGIN_UNCHECKED, with the reason); misspelt metadata keys ({'gte': 1}) would check nothing."""
+    unchecked, numbers = set(), 0
+    for kind in ("model", "dataset", "objective", "task", "optimizer", "schedule"):
+        for name, config, f, field_type in _plugin_fields(kind):
+            assert set(f.metadata) <= set(CHECK_KEYS), f"{kind}/{name}.{f.name}: {sorted(f.metadata)}"
+            if not config.__module__.startswith("prism.plugins."):
+                continue  # a third-party plugin decides for itself
+            if field_type in (int, float) or typing.get_origin(field_type) in (list, tuple):
+                numbers += 1
+                if not checks_of(f):
+                    unchecked.add(f"{kind}/{name}.{f.name}")
+    assert numbers > 100  # the enumeration reached the plugins' configs
+    assert unchecked == PLUGIN_UNCHECKED, "give the new field metadata={'ge': ...}, or document it as free"
 
 
 NO_OUTPUTS = ["checkpoint.enabled=false", "logging.tensorboard=false", "logging.plots=false",

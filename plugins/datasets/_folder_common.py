@@ -46,16 +46,16 @@ class FolderConfig:
     """
 
     path: str = ""
-    image_size: list[int] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=list, metadata={"ge": 1})
     channels: int = field(default=3, metadata={"choices": (1, 3)})
     test_fraction: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata={"ge": 0})
     on_corrupt: str = field(default="skip", metadata={"choices": ("skip", "fail")})
     train_split: str = "train"
     eval_split: str = "test"
     data_dir: str = ""
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list, metadata={"finite": True})
+    std: list[float] = field(default_factory=list, metadata={"gt": 0})
     cache: bool = False
 
 

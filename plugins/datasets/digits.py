@@ -31,7 +31,7 @@ class DigitsConfig:
     """
 
     test_fraction: float = field(default=0.2, metadata={"gt": 0, "lt": 1})
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata={"ge": 0})
     train_split: str = "train"
     eval_split: str = "test"
     data_dir: str = ""

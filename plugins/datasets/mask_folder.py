@@ -61,11 +61,11 @@ class MaskFolderConfig(FolderConfig):
 
     images: str = "image"
     masks: str = "label"
-    num_classes: int = 2
+    num_classes: int = field(default=2, metadata={"ge": 2})
     class_names: list[str] = field(default_factory=list)
-    mask_threshold: int = 128
-    mask_values: list[int] = field(default_factory=list)
-    test_count: int = 0
+    mask_threshold: int = field(default=128, metadata={"ge": 1, "le": 255})
+    mask_values: list[int] = field(default_factory=list, metadata={"ge": 0, "le": 255})
+    test_count: int = field(default=0, metadata={"ge": 0})
     on_size_mismatch: str = "fail"
 
 

@@ -445,10 +445,10 @@ class TFDSConfig:
     eval_split: str = "test"
     image_key: str = "image"
     label_key: str = "label"
-    image_size: list[int] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=list, metadata={"ge": 1})
     download: bool = False
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list, metadata={"finite": True})
+    std: list[float] = field(default_factory=list, metadata={"gt": 0})
     cache: bool = False
 
 

@@ -60,7 +60,7 @@ class VOCFolderConfig(FolderConfig):
     classes: list[str] = field(default_factory=list)
     train_list: str = ""
     test_list: str = ""
-    max_boxes: int = 32
+    max_boxes: int = field(default=32, metadata={"ge": 1})
     on_bad_annotation: str = "fail"
 
 

@@ -46,13 +46,13 @@ class Airbench94Config:
     num_classes: 0 means the dataset's number of classes.
     """
 
-    widths: list[int] = field(default_factory=lambda: [64, 256, 256])
+    widths: list[int] = field(default_factory=lambda: [64, 256, 256], metadata={"ge": 1})
     batchnorm_momentum: float = field(default=0.6, metadata={"ge": 0, "lt": 1})
     batchnorm_eps: float = field(default=1e-12, metadata={"gt": 0})
     scaling_factor: float = field(default=1 / 9, metadata={"gt": 0})
     whiten_kernel_size: int = field(default=2, metadata={"ge": 1})
     whiten_eps: float = field(default=5e-4, metadata={"gt": 0})
-    num_classes: int = 0
+    num_classes: int = field(default=0, metadata={"ge": 0})
 
 
 class Frozen(nnx.Variable):

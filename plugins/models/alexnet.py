@@ -36,9 +36,9 @@ class AlexNetConfig:
         :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". Same function, same parameters.
     """
 
-    hidden: int = 4096
+    hidden: int = field(default=4096, metadata={"ge": 1})
     dropout: float = field(default=0.5, metadata={"ge": 0, "lt": 1})
-    num_classes: int = 0
+    num_classes: int = field(default=0, metadata={"ge": 0})
     stem_conv: str = "direct"
 
 

@@ -39,13 +39,13 @@ class DenseNetConfig:
         :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". Same function, same parameters.
     """
 
-    growth_rate: int = 32
-    block_config: list[int] = field(default_factory=lambda: [6, 12, 24, 16])
-    num_init_features: int = 64
-    bn_size: int = 4
-    compression: float = 0.5
-    drop_rate: float = 0.0
-    num_classes: int = 0
+    growth_rate: int = field(default=32, metadata={"ge": 1})
+    block_config: list[int] = field(default_factory=lambda: [6, 12, 24, 16], metadata={"ge": 1})
+    num_init_features: int = field(default=64, metadata={"ge": 1})
+    bn_size: int = field(default=4, metadata={"ge": 1})
+    compression: float = field(default=0.5, metadata={"gt": 0, "le": 1})
+    drop_rate: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    num_classes: int = field(default=0, metadata={"ge": 0})
     stem_conv: str = "space_to_depth"
 
 

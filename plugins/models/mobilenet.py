@@ -39,10 +39,10 @@ class MobileNetV2Config:
         :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". Same function, same parameters.
     """
 
-    width_mult: float = 1.0
-    round_nearest: int = 8
+    width_mult: float = field(default=1.0, metadata={"gt": 0})
+    round_nearest: int = field(default=8, metadata={"ge": 1})
     dropout: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
-    num_classes: int = 0
+    num_classes: int = field(default=0, metadata={"ge": 0})
     stem_conv: str = "space_to_depth"
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 from flax import nnx
@@ -44,11 +44,11 @@ class ResNetConfig:
         function of the same parameters; only the speed differs (the CIFAR stem is not strided: always direct).
     """
 
-    depth: int = 50
+    depth: int = field(default=50, metadata={"choices": tuple(DEPTHS)})
     stem: str = "imagenet"
-    width: int = 64
+    width: int = field(default=64, metadata={"ge": 1})
     zero_init_residual: bool = False
-    num_classes: int = 0
+    num_classes: int = field(default=0, metadata={"ge": 0})
     stem_conv: str = "space_to_depth"
 
 
@@ -171,35 +171,35 @@ def build_resnet(cfg: ResNetConfig, *, data: DataInfo, rngs: nnx.Rngs) -> ResNet
 class ResNet18Config(ResNetConfig):
     """ResNet-18: BasicBlock, (2, 2, 2, 2) blocks; fields as :class:`ResNetConfig`."""
 
-    depth: int = 18
+    depth: int = field(default=18, metadata={"choices": tuple(DEPTHS)})
 
 
 @dataclass
 class ResNet34Config(ResNetConfig):
     """ResNet-34: BasicBlock, (3, 4, 6, 3) blocks; fields as :class:`ResNetConfig`."""
 
-    depth: int = 34
+    depth: int = field(default=34, metadata={"choices": tuple(DEPTHS)})
 
 
 @dataclass
 class ResNet50Config(ResNetConfig):
     """ResNet-50: Bottleneck, (3, 4, 6, 3) blocks; fields as :class:`ResNetConfig`."""
 
-    depth: int = 50
+    depth: int = field(default=50, metadata={"choices": tuple(DEPTHS)})
 
 
 @dataclass
 class ResNet101Config(ResNetConfig):
     """ResNet-101: Bottleneck, (3, 4, 23, 3) blocks; fields as :class:`ResNetConfig`."""
 
-    depth: int = 101
+    depth: int = field(default=101, metadata={"choices": tuple(DEPTHS)})
 
 
 @dataclass
 class ResNet152Config(ResNetConfig):
     """ResNet-152: Bottleneck, (3, 8, 36, 3) blocks; fields as :class:`ResNetConfig`."""
 
-    depth: int = 152
+    depth: int = field(default=152, metadata={"choices": tuple(DEPTHS)})
 
 
 for _config in (ResNet18Config, ResNet34Config, ResNet50Config, ResNet101Config, ResNet152Config):

@@ -23,9 +23,9 @@ class SimpleCNNConfig:
     num_classes: 0 means the dataset's number of classes.
     """
 
-    widths: list[int] = field(default_factory=lambda: [32, 64])
+    widths: list[int] = field(default_factory=lambda: [32, 64], metadata={"ge": 1})
     dropout: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
-    num_classes: int = 0
+    num_classes: int = field(default=0, metadata={"ge": 0})
 
 
 class SimpleCNN(nnx.Module):

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +32,10 @@ class UNetConfig:
     """
 
     padding: str = "valid"
-    width: int = 64
-    levels: int = 4
+    width: int = field(default=64, metadata={"ge": 1})
+    levels: int = field(default=4, metadata={"ge": 1})
     batch_norm: bool = False
-    num_classes: int = 0
+    num_classes: int = field(default=0, metadata={"ge": 0})
 
 
 class DoubleConv(nnx.Module):

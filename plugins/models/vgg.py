@@ -42,11 +42,11 @@ class VGGConfig:
     num_classes: 0 means the dataset's number of classes.
     """
 
-    depth: int = 16
+    depth: int = field(default=16, metadata={"choices": tuple(LAYOUTS)})
     batch_norm: bool = False
-    hidden: int = 4096
+    hidden: int = field(default=4096, metadata={"ge": 1})
     dropout: float = field(default=0.5, metadata={"ge": 0, "lt": 1})
-    num_classes: int = 0
+    num_classes: int = field(default=0, metadata={"ge": 0})
 
 
 class VGG(nnx.Module):
@@ -113,14 +113,14 @@ def build_vgg(cfg: VGGConfig, *, data: DataInfo, rngs: nnx.Rngs) -> VGG:
 class VGG11Config(VGGConfig):
     """VGG-11 (configuration "A"); fields as :class:`VGGConfig`."""
 
-    depth: int = 11
+    depth: int = field(default=11, metadata={"choices": tuple(LAYOUTS)})
 
 
 @dataclass
 class VGG11BNConfig(VGGConfig):
     """VGG-11 with BatchNorm; fields as :class:`VGGConfig`."""
 
-    depth: int = 11
+    depth: int = field(default=11, metadata={"choices": tuple(LAYOUTS)})
     batch_norm: bool = True
 
 
@@ -128,14 +128,14 @@ class VGG11BNConfig(VGGConfig):
 class VGG16Config(VGGConfig):
     """VGG-16 (configuration "D"); fields as :class:`VGGConfig`."""
 
-    depth: int = 16
+    depth: int = field(default=16, metadata={"choices": tuple(LAYOUTS)})
 
 
 @dataclass
 class VGG16BNConfig(VGGConfig):
     """VGG-16 with BatchNorm; fields as :class:`VGGConfig`."""
 
-    depth: int = 16
+    depth: int = field(default=16, metadata={"choices": tuple(LAYOUTS)})
     batch_norm: bool = True
 
 

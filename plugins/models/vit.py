@@ -40,17 +40,17 @@ class ViTConfig:
     num_classes: 0 means the dataset's number of classes.
     """
 
-    patch_size: int = 16
-    image_size: int = 0
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    patch_size: int = field(default=16, metadata={"ge": 1})
+    image_size: int = field(default=0, metadata={"ge": 0})
+    embed_dim: int = field(default=768, metadata={"ge": 1})
+    depth: int = field(default=12, metadata={"ge": 1})
+    num_heads: int = field(default=12, metadata={"ge": 1})
+    mlp_ratio: float = field(default=4.0, metadata={"gt": 0})
     qkv_bias: bool = True
     dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     attention_dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
-    drop_path: float = 0.0
-    num_classes: int = 0
+    drop_path: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    num_classes: int = field(default=0, metadata={"ge": 0})
 
 
 def _linear(i: int, o: int, *, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
@@ -194,24 +194,24 @@ def build_vit(cfg: ViTConfig, *, data: DataInfo, rngs: nnx.Rngs) -> VisionTransf
 class ViTTiny16Config(ViTConfig):
     """ViT-Ti/16 (timm vit_tiny_patch16_224): width 192, 3 heads; fields as :class:`ViTConfig`."""
 
-    embed_dim: int = 192
-    num_heads: int = 3
+    embed_dim: int = field(default=192, metadata={"ge": 1})
+    num_heads: int = field(default=3, metadata={"ge": 1})
 
 
 @dataclass
 class ViTSmall16Config(ViTConfig):
     """ViT-S/16 (timm vit_small_patch16_224): width 384, 6 heads; fields as :class:`ViTConfig`."""
 
-    embed_dim: int = 384
-    num_heads: int = 6
+    embed_dim: int = field(default=384, metadata={"ge": 1})
+    num_heads: int = field(default=6, metadata={"ge": 1})
 
 
 @dataclass
 class ViTBase16Config(ViTConfig):
     """ViT-B/16 (timm vit_base_patch16_224): width 768, 12 heads; fields as :class:`ViTConfig`."""
 
-    embed_dim: int = 768
-    num_heads: int = 12
+    embed_dim: int = field(default=768, metadata={"ge": 1})
+    num_heads: int = field(default=12, metadata={"ge": 1})
 
 
 for _name, _label, _config in (("vit_ti16", "ViT-Ti/16", ViTTiny16Config), ("vit_s16", "ViT-S/16", ViTSmall16Config),

@@ -36,10 +36,10 @@ class YOLOv3Config:
         the network only needs their count (3 per scale); the loss/decoder reads them from here.
     """
 
-    num_classes: int = 0
-    width: int = 32
-    blocks: list[int] = field(default_factory=lambda: [1, 2, 8, 8, 4])
-    anchors: list[int] = field(default_factory=lambda: list(COCO_ANCHORS))
+    num_classes: int = field(default=0, metadata={"ge": 0})
+    width: int = field(default=32, metadata={"ge": 1})
+    blocks: list[int] = field(default_factory=lambda: [1, 2, 8, 8, 4], metadata={"ge": 0})
+    anchors: list[int] = field(default_factory=lambda: list(COCO_ANCHORS), metadata={"ge": 1})
 
 
 class ConvBNLeaky(nnx.Module):

@@ -14,7 +14,7 @@ reference code averages the weights after the optimizer update, one step later: 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +43,11 @@ class BYOLConfig(SSLConfig):
         in the paper (solo-learn's CIFAR recipe starts at 0.99).
     """
 
-    proj_hidden_dim: int = 4096
-    proj_output_dim: int = 256
-    pred_hidden_dim: int = 4096
-    tau_base: float = 0.996
-    tau_final: float = 1.0
+    proj_hidden_dim: int = field(default=4096, metadata={"ge": 1})
+    proj_output_dim: int = field(default=256, metadata={"ge": 1})
+    pred_hidden_dim: int = field(default=4096, metadata={"ge": 1})
+    tau_base: float = field(default=0.996, metadata={"ge": 0, "le": 1})
+    tau_final: float = field(default=1.0, metadata={"ge": 0, "le": 1})
 
 
 def byol_loss(p: jax.Array, z: jax.Array) -> jax.Array:

@@ -38,9 +38,9 @@ class SegmentationLossConfig:
     """
 
     loss: str = "ce"
-    dice_weight: float = 1.0
-    smooth: float = 1.0
-    class_weights: list[float] = field(default_factory=list)
+    dice_weight: float = field(default=1.0, metadata={"ge": 0})
+    smooth: float = field(default=1.0, metadata={"ge": 0})
+    class_weights: list[float] = field(default_factory=list, metadata={"ge": 0})
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: jax.Array | None = None) -> jax.Array:

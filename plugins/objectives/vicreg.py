@@ -12,7 +12,7 @@ subclass with ``ssl_loss``, and a registered builder; the online probe comes wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +28,12 @@ class VICRegConfig(SSLConfig):
     """sim_weight / var_weight / cov_weight: weights of the three terms; proj_hidden_layers: hidden
     Linear-BN-ReLU layers of the projector."""
 
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 2048
-    proj_hidden_layers: int = 2
-    sim_weight: float = 25.0
-    var_weight: float = 25.0
-    cov_weight: float = 1.0
+    proj_hidden_dim: int = field(default=2048, metadata={"ge": 1})
+    proj_output_dim: int = field(default=2048, metadata={"ge": 1})
+    proj_hidden_layers: int = field(default=2, metadata={"ge": 0})
+    sim_weight: float = field(default=25.0, metadata={"ge": 0})
+    var_weight: float = field(default=25.0, metadata={"ge": 0})
+    cov_weight: float = field(default=1.0, metadata={"ge": 0})
 
 
 def vicreg_terms(z1: jax.Array, z2: jax.Array, eps: float = 1e-4) -> tuple[jax.Array, jax.Array, jax.Array]:

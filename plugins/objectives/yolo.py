@@ -43,12 +43,12 @@ class YOLOConfig:
     ignore_threshold: negatives whose predicted box has an IoU above this with a ground truth are ignored.
     """
 
-    box_weight: float = 0.05
-    obj_weight: float = 1.0
-    cls_weight: float = 0.5
-    balance: list[float] = field(default_factory=lambda: [4.0, 1.0, 0.4])
-    anchor_threshold: float = 0.2
-    ignore_threshold: float = 0.5
+    box_weight: float = field(default=0.05, metadata={"ge": 0})
+    obj_weight: float = field(default=1.0, metadata={"ge": 0})
+    cls_weight: float = field(default=0.5, metadata={"ge": 0})
+    balance: list[float] = field(default_factory=lambda: [4.0, 1.0, 0.4], metadata={"ge": 0})
+    anchor_threshold: float = field(default=0.2, metadata={"ge": 0, "le": 1})
+    ignore_threshold: float = field(default=0.5, metadata={"ge": 0, "le": 1})
 
 
 def shape_iou(wh: jax.Array, anchors: jax.Array) -> jax.Array:

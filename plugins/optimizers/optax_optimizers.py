@@ -63,10 +63,10 @@ class SGDConfig(OptimizerOptions):
             core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = dataclasses.field(default=0.1, metadata={"gt": 0})
+    momentum: float = dataclasses.field(default=0.9, metadata={"ge": 0, "lt": 1})
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"ge": 0})
 
 
 @OPTIMIZERS.register("sgd", config=SGDConfig,
@@ -98,11 +98,11 @@ class AdamWConfig(OptimizerOptions):
             core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
-    lr: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
+    lr: float = dataclasses.field(default=1e-3, metadata={"gt": 0})
+    b1: float = dataclasses.field(default=0.9, metadata={"ge": 0, "lt": 1})
+    b2: float = dataclasses.field(default=0.999, metadata={"ge": 0, "lt": 1})
+    eps: float = dataclasses.field(default=1e-8, metadata={"gt": 0})
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"ge": 0})
 
 
 @OPTIMIZERS.register("adamw", config=AdamWConfig,
@@ -137,11 +137,11 @@ class LARSConfig(OptimizerOptions):
             core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-6
-    trust_coefficient: float = 0.001
-    eps: float = 0.0
+    lr: float = dataclasses.field(default=0.1, metadata={"gt": 0})
+    momentum: float = dataclasses.field(default=0.9, metadata={"ge": 0, "lt": 1})
+    weight_decay: float = dataclasses.field(default=1e-6, metadata={"ge": 0})
+    trust_coefficient: float = dataclasses.field(default=0.001, metadata={"gt": 0})
+    eps: float = dataclasses.field(default=0.0, metadata={"ge": 0})
 
 
 @OPTIMIZERS.register("lars", config=LARSConfig, description="Layer-wise adaptive rate scaling (optax.lars).")
@@ -179,11 +179,11 @@ class LAMBConfig(OptimizerOptions):
             core to every optimizer (:class:`prism.framework.optim.OptimizerOptions`).
     """
 
-    lr: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-6
-    weight_decay: float = 0.0
+    lr: float = dataclasses.field(default=1e-3, metadata={"gt": 0})
+    b1: float = dataclasses.field(default=0.9, metadata={"ge": 0, "lt": 1})
+    b2: float = dataclasses.field(default=0.999, metadata={"ge": 0, "lt": 1})
+    eps: float = dataclasses.field(default=1e-6, metadata={"gt": 0})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"ge": 0})
 
 
 @OPTIMIZERS.register("lamb", config=LAMBConfig, description="Layer-wise adaptive Adam (optax.lamb).")

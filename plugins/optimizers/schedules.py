@@ -51,7 +51,7 @@ class ConstantConfig:
         warmup_steps: Number of steps of linear warmup from 0 to the base rate (0: none).
     """
 
-    warmup_steps: int = 0
+    warmup_steps: int = dataclasses.field(default=0, metadata={"ge": 0})
 
 
 @SCHEDULES.register("constant", config=ConstantConfig, description="Constant rate, optional linear warmup.")
@@ -75,8 +75,8 @@ class StepConfig:
         gamma: Factor applied at each milestone (positive; usually < 1).
     """
 
-    milestones: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
+    milestones: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75], metadata={"gt": 0, "lt": 1})
+    gamma: float = dataclasses.field(default=0.1, metadata={"gt": 0})
 
 
 @SCHEDULES.register("step", config=StepConfig, description="Drop the rate by gamma at fractions of the run.")
@@ -104,7 +104,7 @@ class CosineConfig:
         final_lr_fraction: Rate at the end of the run, as a fraction of the base rate.
     """
 
-    final_lr_fraction: float = 0.0
+    final_lr_fraction: float = dataclasses.field(default=0.0, metadata={"ge": 0, "le": 1})
 
 
 @SCHEDULES.register("cosine", config=CosineConfig, description="Cosine decay over the run.")
@@ -127,10 +127,10 @@ class WarmupCosineConfig:
         final_lr_fraction: Rate at the end of the run, as a fraction of the base rate.
     """
 
-    warmup_fraction: float = 0.05
-    warmup_steps: int = -1
-    init_lr_fraction: float = 0.0
-    final_lr_fraction: float = 0.0
+    warmup_fraction: float = dataclasses.field(default=0.05, metadata={"ge": 0, "lt": 1, "when": ("warmup_steps", -1)})
+    warmup_steps: int = dataclasses.field(default=-1, metadata={"ge": -1})
+    init_lr_fraction: float = dataclasses.field(default=0.0, metadata={"ge": 0, "le": 1})
+    final_lr_fraction: float = dataclasses.field(default=0.0, metadata={"ge": 0, "le": 1})
 
 
 def _warmup_steps(cfg: WarmupCosineConfig, total_steps: int) -> int:
@@ -174,9 +174,9 @@ class TriangleConfig:
         end_fraction: Rate at the last step, as a fraction of the base rate.
     """
 
-    start_fraction: float = 0.0
-    peak_fraction: float = 0.5
-    end_fraction: float = 0.0
+    start_fraction: float = dataclasses.field(default=0.0, metadata={"ge": 0, "le": 1})
+    peak_fraction: float = dataclasses.field(default=0.5, metadata={"ge": 0, "le": 1})
+    end_fraction: float = dataclasses.field(default=0.0, metadata={"ge": 0, "le": 1})
 
 
 @SCHEDULES.register("triangle", config=TriangleConfig,

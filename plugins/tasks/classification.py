@@ -32,7 +32,7 @@ class ClassificationConfig:
         pixel up-left and down-right, reflect-padded; 6 forward passes).
     """
 
-    top_k: int = 5
+    top_k: int = field(default=5, metadata={"ge": 0})
     tta: str = field(default="none", metadata={"choices": TTA_MODES})
 
 

@@ -10,7 +10,7 @@ mAP@.5 and mAP@.75 over the whole split on the host (:func:`prism.plugins.metric
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,11 @@ class DetectionConfig:
     render_threshold: rendered images show predictions scoring at least this.
     """
 
-    score_threshold: float = 0.001
-    iou_threshold: float = 0.6
-    top_k: int = 1000
-    max_detections: int = 100
-    render_threshold: float = 0.25
+    score_threshold: float = field(default=0.001, metadata={"ge": 0, "le": 1})
+    iou_threshold: float = field(default=0.6, metadata={"ge": 0, "le": 1})
+    top_k: int = field(default=1000, metadata={"ge": 1})
+    max_detections: int = field(default=100, metadata={"ge": 1})
+    render_threshold: float = field(default=0.25, metadata={"ge": 0, "le": 1})
 
 
 class Detection(Task):

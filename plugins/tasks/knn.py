@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,8 @@ class KNNConfig:
     """k: neighbours that vote (capped at the reference split's size); temperature: T in the vote weight
     exp(similarity / T)."""
 
-    k: int = 200
-    temperature: float = 0.07
+    k: int = field(default=200, metadata={"ge": 1})
+    temperature: float = field(default=0.07, metadata={"gt": 0})
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))

@@ -19,7 +19,7 @@ Reports ``linear_probe/top1`` (``linear_probe/top5`` with more than 5 classes), 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +42,14 @@ class LinearProbeConfig:
     gradient for sgd, decoupled for adamw). standardize: scale features to zero mean and unit variance with
     the training split's statistics. seed: minibatch order."""
 
-    epochs: int = 100
-    batch_size: int = 256
+    epochs: int = field(default=100, metadata={"ge": 1})
+    batch_size: int = field(default=256, metadata={"ge": 1})
     optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    lr: float = field(default=0.1, metadata={"gt": 0})
+    momentum: float = field(default=0.9, metadata={"ge": 0, "lt": 1})
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
     standardize: bool = True
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0})
 
 
 def _optimizer(cfg: LinearProbeConfig, total_steps: int) -> optax.GradientTransformation:

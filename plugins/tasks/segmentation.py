@@ -11,7 +11,7 @@ ignored. :meth:`Segmentation.render` draws predictions beside the ground truth a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -31,7 +31,7 @@ class SegmentationConfig:
     """overlay_alpha: opacity of the class colours in rendered PNGs (class 0, the background, is not
     coloured)."""
 
-    overlay_alpha: float = 0.5
+    overlay_alpha: float = field(default=0.5, metadata={"ge": 0, "le": 1})
 
 
 def palette(num_classes: int) -> np.ndarray:
