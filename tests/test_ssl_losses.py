@@ -177,7 +177,7 @@ def test_objective_needs_a_backbone_with_features():
         def __init__(self):
             self.linear = nnx.Linear(64, 10, rngs=nnx.Rngs(0))
 
-    with pytest.raises(ConfigError, match=r"features\(x\) method and an integer num_features"):
+    with pytest.raises(ConfigError, match=r"needs a model with num_features, features\(\) \(FeatureModel"):
         build_simclr(SimCLRConfig(**SMALL), model=HeadOnly(), data=INFO, rngs=nnx.Rngs(1))
 
 

@@ -5,11 +5,13 @@
   trains an :class:`OnlineProbe` alongside: a linear classifier on the *detached* features, as
   solo-learn's ``BaseMethod`` does, so representation quality is visible during pre-training
   (``train/probe_accuracy``) and on the evaluation split (``eval/online_probe/top1``).
-- :class:`MLP`: projection heads and predictors, (Linear-BN-ReLU) x N then Linear.
+- :class:`MLP`: projection heads and predictors, (Linear-BN-ReLU) x N then Linear (optionally then BN).
 - :class:`MomentumCopy`: an EMA copy of a module's parameters held as :class:`EMATarget` variables, which
   are *not* ``nnx.Param``: the trainer's ``nnx.split(system, nnx.Param, ...)`` keeps them out of the
   gradients and the optimizer and carries them (and checkpoints them) in ``TrainState.rest``.
-- :func:`cosine_tau`, :func:`l2_normalize`.
+- :class:`MomentumEncoder`: the momentum copy of backbone + projector (MoCo v3's key encoder, BYOL's
+  target, DINO's teacher): target forward, reset to the online network, EMA update.
+- :func:`cosine_tau`, :func:`check_tau_schedule`, :func:`l2_normalize`.
 
 A method is one file: a config dataclass extending :class:`SSLConfig`, a subclass of
 :class:`SSLObjective` implementing :meth:`SSLObjective.ssl_loss`, and a registered builder.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,8 @@ class SSLConfig:
         It shares the run's optimizer and learning rate (solo-learn gives it its own, ``classifier_lr``).
     """
 
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 128
+    proj_hidden_dim: int = field(default=2048, metadata={"ge": 1})
+    proj_output_dim: int = field(default=128, metadata={"ge": 1})
     online_probe: bool = True
 
 
@@ -59,22 +61,38 @@ def cosine_tau(step: jax.Array | int, total_steps: int, base: float, final: floa
     return final - (final - base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
 
 
-class MLP(nnx.Module):
-    """``hidden_layers`` x (Linear - BatchNorm - ReLU), then Linear: SimCLR/BYOL/VICReg heads."""
+def check_tau_schedule(method: str, base: float, final: float, total_steps: int) -> None:
+    """A ConfigError unless ``0 <= base <= final <= 1`` and the run has steps for the schedule to span."""
+    if not 0.0 <= base <= final <= 1.0:
+        raise ConfigError(f"objective.tau_base/tau_final: need 0 <= tau_base <= tau_final <= 1, "
+                          f"got {base} and {final}")
+    if total_steps < 1:
+        raise ConfigError(f"objective {method!r}: total_steps must be positive, got {total_steps}")
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, hidden_layers: int = 1, rngs: nnx.Rngs):
+
+class MLP(nnx.Module):
+    """``hidden_layers`` x (Linear - BatchNorm - ReLU), then Linear: SimCLR/BYOL/VICReg heads.
+
+    last_bn: end with a BatchNorm without scale and bias (MoCo v3's projector; the output Linear then has no
+    bias either, the normalization would remove it).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, hidden_layers: int = 1,
+                 last_bn: bool = False, rngs: nnx.Rngs):
         linears, norms, dim = [], [], in_dim
         for _ in range(hidden_layers):
             linears.append(nnx.Linear(dim, hidden_dim, use_bias=False, rngs=rngs))  # BN supplies the bias
             norms.append(BatchNorm(hidden_dim, rngs=rngs))
             dim = hidden_dim
         self.linears, self.norms = nnx.List(linears), nnx.List(norms)
-        self.out = nnx.Linear(dim, out_dim, rngs=rngs)
+        self.out = nnx.Linear(dim, out_dim, use_bias=not last_bn, rngs=rngs)
+        self.out_norm = BatchNorm(out_dim, use_scale=False, use_bias=False, rngs=rngs) if last_bn else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for linear, norm in zip(self.linears, self.norms, strict=True):
             x = nnx.relu(norm(linear(x)))
-        return self.out(x)
+        x = self.out(x)
+        return x if self.out_norm is None else self.out_norm(x)
 
 
 class OnlineProbe(nnx.Module):
@@ -121,10 +139,11 @@ class MomentumCopy(nnx.Module):
         return nnx.merge(graphdef, target, rest, copy=True)
 
     def reset(self, online: nnx.Module) -> None:
-        """``target = online`` for every weight (in place)."""
+        """``target = online`` for every weight (in place), as copies: a target sharing the online weight's
+        buffer would be donated twice by the trainer's step (a crash, or silently corrupted weights)."""
         _, leaves, _, _ = self._online_leaves(online)
         for weight, value in zip(self.weights, leaves, strict=True):
-            weight[...] = jnp.asarray(value, weight[...].dtype)
+            weight[...] = jnp.array(value, weight[...].dtype, copy=True)
 
     def update(self, online: nnx.Module, tau: jax.Array) -> None:
         """``target = tau * target + (1 - tau) * online`` for every weight (in place)."""
@@ -132,6 +151,35 @@ class MomentumCopy(nnx.Module):
         for weight, value in zip(self.weights, leaves, strict=True):
             value = jax.lax.stop_gradient(value).astype(weight[...].dtype)
             weight[...] = tau * weight[...] + (1.0 - tau) * value
+
+
+class MomentumEncoder(nnx.Module):
+    """The momentum (EMA) copy of an online backbone and its projector, one :class:`MomentumCopy` each.
+
+    ``encode`` runs the copy on views (no gradient reaches it or the online weights through it); ``reset``
+    makes it equal to the online network (an objective's ``copy_model_weights``, called by the core after
+    ``model.pretrained``); ``update`` moves it ``tau`` of the way it is towards the online weights. The
+    objective decides ``tau``, e.g. :func:`cosine_tau` of the run's step (``takes_step``).
+    """
+
+    def __init__(self, backbone: nnx.Module, projector: nnx.Module):
+        self.backbone = MomentumCopy(backbone)
+        self.projector = MomentumCopy(projector)
+
+    def encode(self, backbone: nnx.Module, projector: nnx.Module, views: list[jax.Array]) -> list[jax.Array]:
+        """``projector(backbone.features(view))`` with the momentum weights, for each view (detached)."""
+        target_backbone, target_projector = self.backbone.module(backbone), self.projector.module(projector)
+        return [jax.lax.stop_gradient(target_projector(target_backbone.features(v))) for v in views]
+
+    def reset(self, backbone: nnx.Module, projector: nnx.Module) -> None:
+        """``momentum = online`` for every weight."""
+        self.backbone.reset(backbone)
+        self.projector.reset(projector)
+
+    def update(self, backbone: nnx.Module, projector: nnx.Module, tau: jax.Array) -> None:
+        """``momentum = tau * momentum + (1 - tau) * online`` for every weight."""
+        self.backbone.update(backbone, tau)
+        self.projector.update(projector, tau)
 
 
 def num_features_of(model: nnx.Module, method: str) -> int:
