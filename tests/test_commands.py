@@ -17,7 +17,7 @@ from prism.framework.commands import ENTRY_POINT_GROUP
 from prism.framework.errors import ConfigError
 from prism.framework.registry import COMMANDS, REGISTRIES, registry_for
 
-BUILTINS = {"train", "eval", "predict", "list", "bench", "sweep-report"}
+BUILTINS = {"train", "eval", "predict", "list", "bench", "sweep-report", "reproduce"}
 
 
 def _error_line(stderr: str) -> str:
