@@ -301,16 +301,32 @@ class Trainer(Run):
                 step = progress.step
                 last = step == self.micro_steps
                 ranked, stop = self._evaluate_step(progress, logger, last)
-                if step % self.save_every == 0 or last or stop or preemption.requested:
+                preempted = self._agreed_preemption(preemption, step)
+                if step % self.save_every == 0 or last or stop or preempted:
                     with self.phases("checkpoint"):
                         ranking = dict(progress.eval_metrics) if ranked else None  # a copy: orbax keeps the dict
                         self._save(step, data_iter, ranking)
                 if stop:
                     break
-                if preemption.requested and not last:
-                    progress.status, progress.interrupted_by = "preempted", preemption.received
-                    logger.message(self._preempted_message(preemption.received, step))
+                if preempted and not last:
+                    received = preemption.received or "SIGTERM/SIGINT (received by another process)"
+                    progress.status, progress.interrupted_by = "preempted", received
+                    logger.message(self._preempted_message(received, step))
                     break
+
+    def _agreed_preemption(self, preemption: _Preemption, step: int) -> bool:
+        """Whether the run stops (and saves) after ``step`` for a signal. One process: its own flag. Several: a
+        signal reaches one process, or each at another step, but the save and the steps after are collective,
+        so the processes agree, at the same steps on all of them (every call of several steps; on the host
+        path every ``train.log_every``-th step and the last), on whether any process was signalled."""
+        if jax.process_count() == 1:
+            return preemption.requested
+        if self.programs.steps_per_call == 1 and step % self.cfg.train.log_every and step != self.micro_steps:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(preemption.requested))
+        return bool(np.max(flags))
 
     def fit(self) -> dict:
         """Train to the configured number of steps; returns (and writes) the run's ``result.json``."""

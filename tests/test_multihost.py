@@ -61,3 +61,43 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose(losses_multi, losses_one, rtol=1e-4, atol=1e-6)
     for name, value in one["metrics"].items():
         assert abs(multi["metrics"][name] - value) < 1e-4, name
+
+
+def test_a_signal_to_one_process_stops_and_saves_all_at_the_same_step(tmp_path):
+    """SIGTERM reaches only process 1: both agree on the step (the save and the steps after are collective:
+    without agreement process 1 would wait in its save for a process that trains on), save it once, end
+    ``preempted``; restarted, the run resumes from that step and completes."""
+    import signal
+    import time
+
+    port = _free_port()
+    run_dir = tmp_path / "two_hosts"
+    env = lambda i: {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",  # noqa: E731
+                     "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "PRISM_NUM_PROCESSES": "2",
+                     "PRISM_PROCESS_ID": str(i)}
+    long_run = ["train.steps=400", "train.eval_every=400", "checkpoint.enabled=true", "train.log_every=1"]
+
+    def launch(i: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "prism.framework", "train", *OVERRIDES, *long_run,
+                                 f"hydra.run.dir={run_dir}"], cwd=REPO, env={**os.environ, **env(i)}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    procs = [launch(0), launch(1)]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        assert all(p.poll() is None for p in procs), "a process ended before the signal"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = finish_all(procs, timeout=120)
+    result = read_result(run_dir)
+    assert result["status"] == "preempted" and result["signal"].startswith("SIGTERM") and result["resumable"]
+    assert [p.returncode for p in procs] == [0, 0]
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [result["steps"]] and 5 <= result["steps"] < 400
+    assert "(received by another process) received: saved step" in outputs[0]  # rank 0 logs for the run
+
+    port = _free_port()
+    finish_all([launch(0), launch(1)], timeout=240)
+    done = read_result(run_dir)
+    assert done["status"] == "completed" and done["steps"] == 400
