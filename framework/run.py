@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from prism.framework import parallel
 from prism.framework.api import CopiesModelWeights, DataInfo, DataInitialized, DataSource, Task, missing_members
 from prism.framework.errors import ConfigError
+from prism.framework.model_check import check_model_fits
 from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
@@ -75,8 +76,9 @@ def set_compute_dtype(system: nnx.Module, dtype) -> None:
             module.dtype = dtype
 
 
-def total_steps(cfg: DictConfig, train_size: int) -> tuple[int, float]:
-    """``(optimizer updates, micro-steps per epoch)`` from ``train.steps`` or ``train.epochs``."""
+def run_length(cfg: DictConfig, train_size: int) -> tuple[int, float]:
+    """``(optimizer updates in the run, micro-steps (batches) per epoch)`` from ``train.steps`` or
+    ``train.epochs``: two units, named apart (an update is ``train.grad_accum_steps`` micro-steps)."""
     t = cfg.train
     steps_per_epoch = train_size / (t.batch_size * t.grad_accum_steps)
     updates = t.steps if t.steps > 0 else math.ceil(t.epochs * steps_per_epoch)
@@ -113,7 +115,7 @@ class Run:
         self.task = self.build_task(cfg.task)
         t = cfg.train
         self.accum = t.grad_accum_steps
-        self.updates, self.steps_per_epoch = total_steps(cfg, len(self.train_split))
+        self.updates, self.steps_per_epoch = run_length(cfg, len(self.train_split))
         self.micro_steps = self.updates * self.accum
         self.eval_every = t.eval_every or max(1, round(self.steps_per_epoch))
         self.host = parallel.host_batch_slice(t.batch_size, self.mesh)
@@ -217,6 +219,8 @@ class Run:
         self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                            abstract, self.state_shardings)
         self.param_count = sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+        check_model_fits(self.eval_graphdef, abstract.params, abstract.rest, tuple(self.info.image_shape),
+                         self.cfg.model.name)
         self.state: TrainState | None = None
         self.pretrained: ImportReport | None = None
         if initialize:
@@ -269,4 +273,4 @@ class Run:
 
 
 __all__ = ["DATA_INIT_EXAMPLES", "PRECISIONS", "RUN_ONCE", "Run", "System", "build_plugin",
-           "has_checkpoint_to_resume", "run_once_options", "set_compute_dtype", "total_steps"]
+           "has_checkpoint_to_resume", "run_once_options", "run_length", "set_compute_dtype"]

@@ -106,3 +106,15 @@ def test_an_objectives_model_contract_is_checked_at_build():
                                               r"features\(\) \(FeatureModel\); model 'unet'"):
             Run(compose(["train.steps=2", "objective=test_needs_features", "model=unet", "task=segmentation"]),
                 initialize=False)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    # strides and pools reduce 8x8 digits to nothing: before, the run stopped at step 1 blaming the learning rate
+    ("alexnet", r"model 'alexnet' reduces this dataset's 8x8x1 images to an empty value \(shape \(2, 0, 0, 64\)"),
+    # a U-Net of 4 levels cannot concatenate its skips at 8x8: before, a TypeError from inside jit
+    ("unet", r"model 'unet' cannot run on this dataset's 8x8x1 images: TypeError: Cannot concatenate"),
+])
+def test_a_model_that_cannot_take_the_images_is_refused_at_build(model, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        Run(compose(["train.steps=2", f"model={model}"]), initialize=False)
+    assert "\n" not in str(info.value)
