@@ -87,7 +87,8 @@ class LoaderConfig:
     """Host input pipeline (grain).
 
     workers: grain worker processes (0: decode in the main process).
-    threads: grain read threads per process.
+    threads: grain read threads per process (also the threads that decode a split for the device path);
+        -1 (default): one per core of this machine, at most 16 (2 on a 2-core laptop, 16 on a GPU host).
     prefetch: batches prefetched by the host pipeline.
     shuffle: shuffle the training split (a new permutation every epoch, seeded).
     placement: where the examples live while training: 'host' (read, batched and sent to the devices
@@ -98,7 +99,7 @@ class LoaderConfig:
     """
 
     workers: int = field(default=0, metadata={"ge": 0})
-    threads: int = field(default=2, metadata={"ge": 0})
+    threads: int = field(default=-1, metadata={"ge": -1})
     prefetch: int = field(default=2, metadata={"ge": 0})
     shuffle: bool = True
     placement: str = field(default="auto", metadata={"choices": ("auto", "device", "host")})

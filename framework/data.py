@@ -12,6 +12,7 @@ example and a ``_valid`` mask so that no example is dropped or counted twice.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -44,8 +45,20 @@ def _enable_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+#: The most read threads ``loader.threads=-1`` gives (beyond this grain's reads stop scaling on a GPU host).
+MAX_AUTO_THREADS = 16
+
+
+def read_threads(asked: int) -> int:
+    """``loader.threads``: as asked, or for -1 one thread per core of this machine (at most MAX_AUTO_THREADS)."""
+    if asked >= 0:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(cores, MAX_AUTO_THREADS))
+
+
 def to_iter(ds: grain.MapDataset, *, workers: int, threads: int, prefetch: int) -> grain.IterDataset:
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 0), prefetch_buffer_size=prefetch))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads(threads), prefetch_buffer_size=prefetch))
     if workers > 0:
         _enable_grain_workers()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from prism.framework import parallel
 from prism.framework.api import StackableSplit
 from prism.framework.augment import EXAMPLE_INDEX_KEY
-from prism.framework.data import VALID_KEY, as_numpy, check_split, check_train_split, to_iter
+from prism.framework.data import VALID_KEY, as_numpy, check_split, check_train_split, read_threads, to_iter
 from prism.framework.errors import DataError
 from prism.framework.order import IndexStream, TrainOrder
 from prism.framework.parallel import HostSlice
@@ -45,6 +45,7 @@ def stack_split(split: Sequence, *, threads: int = 2, what: str = "training") ->
     :class:`~prism.framework.api.StackableSplit`); :class:`~prism.framework.errors.DataError` when the
     examples' shapes differ (such data stays on the host path)."""
     check_split(split, what)
+    threads = read_threads(threads)  # -1: one per core
     if isinstance(split, StackableSplit):
         return split.stacked(threads=threads)
     return stack_examples(split, threads=threads, what=what)

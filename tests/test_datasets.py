@@ -639,3 +639,16 @@ def test_folder_files_read_on_worker_processes_in_order_with_bad_files_reported(
     encoded = list(pr.map_ordered(partial(pr.encoded_image, channels=3), paths, workers=2, chunk=3))
     assert [v for ok, v in encoded if ok] == [(p.read_bytes(), ((4 + i, 9 - i))) for i, p in enumerate(
         p for p in paths if p.name != "bad.png")]
+
+
+def test_loader_threads_default_to_the_machines_cores(monkeypatch):
+    import os
+
+    from prism.framework.config import compose
+    from prism.framework.data import MAX_AUTO_THREADS, read_threads
+
+    assert compose([]).loader.threads == -1  # the default: sized to the machine
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert read_threads(-1) == MAX_AUTO_THREADS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert read_threads(-1) == 2 and read_threads(0) == 0 and read_threads(5) == 5
