@@ -20,25 +20,28 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from prism.framework import parallel
-from prism.framework.api import Task
+from prism.framework.api import DataSource, Task
 from prism.framework.config import config_node
 from prism.framework.data import VALID_KEY, eval_batches
 from prism.framework.errors import ConfigError
-from prism.framework.registry import TASKS
-from prism.framework.run import Run
+from prism.framework.registry import DATASETS, TASKS
+from prism.framework.run import Run, build_plugin
 from prism.framework.steps import TrainState, make_eval_step, multi_eval
 from prism.framework.validate import validate_node
 
 #: The evaluator a run has when ``evals`` is not set; its metrics are logged as ``eval/<metric>``.
 MAIN = "main"
-EVALUATOR_KEYS = ("task", "split", "every", "every_epochs", "task_overrides")
+EVALUATOR_KEYS = ("task", "split", "every", "every_epochs", "task_overrides", "dataset")
 
 
 class Evaluation:
-    """Metrics, outputs and pictures of tasks over the splits of ``run``, for a state passed in."""
+    """Metrics, outputs and pictures of tasks over the splits of ``run``'s dataset (or of another dataset,
+    ``source``: read on the host, its ``"train"`` reference meaning ``train_split``), for a state passed in."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, source: DataSource | None = None, train_split: str = "train") -> None:
         self.run = run
+        self.source = source
+        self.train_split = train_split
         #: id(task) -> (task, kept alive so that ids stay unique; its one-batch and whole-split programs)
         self._programs: dict[int, tuple[Task, Callable, Callable]] = {}
 
@@ -81,7 +84,7 @@ class Evaluation:
         evaluated from device memory (no raw batch); ``first_batch_only`` reads one batch on the host."""
         run = self.run
         max_batches = 1 if first_batch_only else run.cfg.train.max_eval_batches
-        on_device = run.placement == "device" and not first_batch_only
+        on_device = run.placement == "device" and not first_batch_only and self.source is None
         if on_device and jax.process_count() == 1:
             task_out, objective_out = self._whole_resident_split(state, split_name, task, max_batches)
             return task_out, objective_out, {}
@@ -90,7 +93,8 @@ class Evaluation:
             batches = run.resident(split_name).eval_batches(global_batch=run.eval_batch_size, host=run.eval_host,
                                                             max_batches=max_batches)
         else:
-            batches = self._host_batches(run.split(split_name), max_batches, raw)
+            split = run.split(split_name) if self.source is None else self.source.split(split_name)
+            batches = self._host_batches(split, max_batches, raw)
         collected: tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]] = ({}, {})
         eval_step = self.programs(task)[0]
         for batch, valid in batches:
@@ -118,7 +122,9 @@ class Evaluation:
         """The task's reference split; ``"train"`` is the split this run trains on (``dataset.train_split``),
         so a held-out evaluation slice of the same TFDS split never enters a kNN bank or a probe's data."""
         name = task.reference_split
-        return self.run.cfg.dataset.train_split if name == "train" else name
+        if name != "train":
+            return name
+        return self.run.cfg.dataset.train_split if self.source is None else self.train_split
 
     def metrics(self, state: TrainState, task: Task, *, split_name: str | None = None, shared: dict | None = None,
                 prefix: str = "eval", task_name: str | None = None, with_objective: bool = True) -> dict[str, float]:
@@ -164,6 +170,8 @@ class Evaluator:
     task_name: str
     split: str
     every: int
+    #: the evaluation over another dataset (``evals.NAME.dataset``); None: the run's own dataset
+    evaluation: Evaluation | None = None
 
     def reports_objective(self, evaluators: list[Evaluator]) -> bool:
         """Whether this evaluator reports the objective's evaluation outputs (an online probe): the ``main``
@@ -180,6 +188,23 @@ class Evaluator:
         return last or step % self.every == 0
 
 
+def _with_values(section: DictConfig, values: Any, where: str, kind: str) -> DictConfig:
+    """``section`` (a plugin's config node) with ``values`` set, each key known and typed, ranges validated."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must be a mapping of {kind} keys to values, got {values!r}")
+    for key, value in values.items():
+        if key not in section:
+            raise ConfigError(f"unknown key {where}.{key}: {kind} {section.name!r} has the keys "
+                              f"{', '.join(k for k in section if k != 'name')}")
+        try:
+            with open_dict(section):
+                section[key] = value
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{where}.{key}={value!r}: {exc.msg}") from None
+    validate_node(section, where)
+    return section
+
+
 def _task_section(run: Run, entry: Mapping, where: str) -> DictConfig:
     """The config node of an evaluator's task: the run's own task config when it names the run's task (or
     none), else the task's defaults; ``task_overrides`` applied and validated."""
@@ -188,20 +213,26 @@ def _task_section(run: Run, entry: Mapping, where: str) -> DictConfig:
         section = run.cfg.task.copy()
     else:
         section = OmegaConf.structured(config_node(TASKS.get(name)))
-    overrides = entry.get("task_overrides") or {}
-    if not isinstance(overrides, Mapping):
-        raise ConfigError(f"{where}.task_overrides must be a mapping of task keys to values, got {overrides!r}")
-    for key, value in overrides.items():
-        if key not in section:
-            raise ConfigError(f"unknown key {where}.task_overrides.{key}: task {name!r} has the keys "
-                              f"{', '.join(k for k in section if k != 'name')}")
-        try:
-            with open_dict(section):
-                section[key] = value
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"{where}.task_overrides.{key}={value!r}: {exc.msg}") from None
-    validate_node(section, f"{where}.task_overrides")
-    return section
+    return _with_values(section, entry.get("task_overrides") or {}, f"{where}.task_overrides", "task")
+
+
+def _other_dataset(run: Run, values: Any, where: str) -> tuple[DataSource, DictConfig]:
+    """The data source of ``evals.NAME.dataset`` (``{name: DATASET, KEY: VALUE, ...}``), whose examples must
+    fit the run's model: the same image shape and classes."""
+    if not isinstance(values, Mapping) or not values.get("name"):
+        raise ConfigError(f"{where}.dataset must be a mapping with a dataset name, e.g. {{name: image_folder, "
+                          f"path: DIR}}, got {values!r}")
+    values = dict(values)
+    section = OmegaConf.structured(config_node(DATASETS.get(values.pop("name"))))
+    section = _with_values(section, values, f"{where}.dataset", "dataset")
+    source: DataSource = build_plugin(DATASETS, section)
+    theirs, ours = source.info, run.info
+    if tuple(theirs.image_shape) != tuple(ours.image_shape) or theirs.num_classes != ours.num_classes:
+        raise ConfigError(f"{where}.dataset {section.name!r} gives {theirs.num_classes} classes of "
+                          f"{'x'.join(map(str, theirs.image_shape))} images; the run's model was built for "
+                          f"{ours.num_classes} classes of {'x'.join(map(str, ours.image_shape))} (set the "
+                          f"dataset's image_size, or evaluate it with prism eval on a run trained for it)")
+    return source, section
 
 
 def _cadence(run: Run, entry: Mapping, where: str) -> int:
@@ -227,15 +258,20 @@ def _evaluator(run: Run, name: str, entry: Any) -> Evaluator:
     if unknown:
         raise ConfigError(f"unknown key {where}.{unknown[0]}: an evaluator has the keys {', '.join(EVALUATOR_KEYS)}")
     section = _task_section(run, entry, where)
-    split = entry.get("split") or run.cfg.dataset.eval_split
+    evaluation, default_split = None, run.cfg.dataset.eval_split
+    if entry.get("dataset") is not None:
+        source, data_section = _other_dataset(run, entry["dataset"], where)
+        evaluation, default_split = Evaluation(run, source, data_section.train_split), data_section.eval_split
+    split = entry.get("split") or default_split
     if not isinstance(split, str):
         raise ConfigError(f"{where}.split must be a split name, got {split!r}")
     try:
-        task = run.task if section == run.cfg.task else run.build_task(section)
-        run.check_task(task, section.name, split)
+        task = run.task if section == run.cfg.task and evaluation is None else run.build_task(section)
+        check_on = evaluation.source.split(split) if evaluation is not None else None
+        run.check_task(task, section.name, split, check_on)
     except ConfigError as exc:  # the task's own check, named after the plugin's key: say which evaluator
         raise ConfigError(f"{where}: {exc}") from None
-    return Evaluator(name, task, section.name, split, _cadence(run, entry, where))
+    return Evaluator(name, task, section.name, split, _cadence(run, entry, where), evaluation)
 
 
 def build_evaluators(run: Run) -> list[Evaluator]:

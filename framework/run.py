@@ -160,11 +160,12 @@ class Run:
         """The task of config ``section`` (a ``task`` node) for this run's dataset."""
         return build_plugin(TASKS, section, data=self.info)
 
-    def check_task(self, task: Task, task_name: str, split_name: str) -> None:
+    def check_task(self, task: Task, task_name: str, split_name: str, split=None) -> None:
         """A one-line ConfigError when ``task`` cannot run on this model or on the split's examples: a member
-        of its ``model_contract`` the model lacks, or a key of its ``batch_keys`` the examples lack."""
+        of its ``model_contract`` the model lacks, or a key of its ``batch_keys`` the examples lack.
+        ``split``: the examples when they are not this run's dataset's ``split_name``."""
         self._check_contract(task.model_contract, f"task {task_name!r}")
-        split = self.split(split_name)
+        split = self.split(split_name) if split is None else split
         if not len(split):
             return
         keys = set(split[0])

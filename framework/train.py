@@ -136,13 +136,14 @@ class Trainer(Run):
     def _evaluate_due(self, step: int, last: bool) -> tuple[dict[str, float], bool]:
         """``(metrics of the evaluators due at step, whether the ranking evaluator was among them)``."""
         due = [e for e in self.evaluators if e.due(step, last)]
-        shared = {} if len(due) > 1 else None  # while the state is fixed: outputs reused across evaluators
+        shared: dict[int, dict] = {}  # per dataset, while the state is fixed: outputs reused across evaluators
         metrics: dict[str, float] = {}
         for evaluator in due:
-            metrics.update(self.evaluation.metrics(self.state, evaluator.task, split_name=evaluator.split,
-                                                   shared=shared, prefix=evaluator.prefix,
-                                                   task_name=evaluator.task_name,
-                                                   with_objective=evaluator.reports_objective(self.evaluators)))
+            evaluation = evaluator.evaluation or self.evaluation
+            metrics.update(evaluation.metrics(self.state, evaluator.task, split_name=evaluator.split,
+                                              shared=shared.setdefault(id(evaluation), {}) if len(due) > 1 else None,
+                                              prefix=evaluator.prefix, task_name=evaluator.task_name,
+                                              with_objective=evaluator.reports_objective(self.evaluators)))
         return metrics, any(e is self.ranking for e in due)
 
     # -- checkpoints ----------------------------------------------------------------------------

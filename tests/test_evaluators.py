@@ -14,7 +14,8 @@ from prism.framework.evaluators import MAIN, build_evaluators, metric_owner
 from prism.framework.run import Run
 from tests.conftest import REPO, run_prism
 
-EVALS = "evals={main:{},knn:{task:knn,every:40,task_overrides:{k:10}},fit:{split:train,every_epochs:0.5}}"
+EVALS = ("evals={main:{},knn:{task:knn,every:40,task_overrides:{k:10}},fit:{split:train,every_epochs:0.5},"
+         "other:{dataset:{name:digits,split_seed:1},every:40}}")  # other: a second dataset (another digits split)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def test_each_evaluator_runs_at_its_own_cadence_under_its_name(two_evaluator_run
     # half an epoch of the 1437 training digits at batch 64: every 11 steps, and at the end; the device path's
     # 16-step calls end at every evaluation, so each lands on its step
     assert _steps_with(records, "fit/accuracy") == [11, 22, 33, 40]
+    assert _steps_with(records, "other/accuracy") == [40]
     assert result["status"] == "completed"
     assert {"eval/accuracy", "knn/knn/top1", "fit/accuracy"} <= set(result["metrics"])
 
@@ -50,6 +52,14 @@ def test_an_evaluators_numbers_equal_prism_eval_on_the_same_state(two_evaluator_
     on_train = evaluate_run(run_dir, ["dataset.eval_split=train"], step="latest", out_dir=tmp_path / "train")
     assert on_train["metrics"]["eval/accuracy"] == pytest.approx(result["metrics"]["fit/accuracy"], abs=1e-6)
     assert on_train["metrics"]["eval/accuracy"] != pytest.approx(result["metrics"]["eval/accuracy"], abs=1e-6)
+    # the second dataset is read on the host; its images are normalized with the run's statistics (the
+    # model's input convention), prism eval with the dataset changed uses that dataset's (digits computes them
+    # on its training split, which split_seed changes): same predictions, losses within the small shift
+    other = evaluate_run(run_dir, ["dataset.split_seed=1", "loader.placement=host"], step="latest",
+                         out_dir=tmp_path / "other")
+    assert other["metrics"]["eval/accuracy"] == pytest.approx(result["metrics"]["other/accuracy"], abs=1e-6)
+    assert other["metrics"]["eval/loss"] == pytest.approx(result["metrics"]["other/loss"], rel=1e-3)
+    assert other["metrics"]["eval/accuracy"] != pytest.approx(result["metrics"]["eval/accuracy"], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +103,9 @@ def test_an_evaluator_of_the_runs_task_shares_it_and_another_gets_its_own(run):
     ({"a": {"every_epochs": 0}}, "evals.a.every_epochs"),
     ({"a": {"split": "validation"}}, "validation"),
     ({"a": 3}, "evals.a must be a mapping"),
+    ({"a": {"dataset": {"split_seed": 1}}}, "evals.a.dataset must be a mapping with a dataset name"),
+    ({"a": {"dataset": {"name": "digits", "split_sed": 1}}}, "unknown key evals.a.dataset.split_sed"),
+    ({"a": {"dataset": {"name": "synthetic"}}}, "the run's model was built for 10 classes of 8x8x1"),
     ({}, "non-empty"),
 ])
 def test_a_bad_evaluator_entry_is_a_one_line_error_naming_it(run, evals, message):
