@@ -301,3 +301,32 @@ def test_unet_isbi2012_preset_trains_and_reports_exact_metrics(tmp_path):
     assert metrics["eval/pixel_error"] == pytest.approx(1 - want["pixel_accuracy"])
     # The membranes (black in the label PNGs) are class 1, the minority class.
     assert 0.1 < raw.mean() < 0.4
+
+
+def test_masks_named_by_a_pattern_pair_with_their_images_even_in_one_folder(tmp_path):
+    """``x_mask.png`` beside ``x.jpg`` (how many public sets ship): before, 'mask ... has no image'."""
+    from prism.plugins.datasets.mask_folder import mask_stem_matcher
+
+    assert mask_stem_matcher("{stem}_mask")("a_b_mask.png") == "a_b"
+    assert mask_stem_matcher("{stem}_mask")("a_b.png") is None
+    assert mask_stem_matcher("{stem}_mask.png")("a_mask.jpg") is None  # that extension only
+    assert mask_stem_matcher("{stem}")("a.png") == "a"
+    root = tmp_path / "seg"
+    (root / "all").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    masks = {}
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 12, 3), np.uint8)).save(root / "all" / f"cell_{i}.jpg")
+        masks[i] = rng.choice(np.array([0, 255], np.uint8), size=(16, 12))
+        Image.fromarray(masks[i]).save(root / "all" / f"cell_{i}_mask.png")
+    cfg = DATASETS.get("mask_folder").config
+    source = DATASETS.build("mask_folder", cfg(path=str(root), images="all", masks="all", mask_pattern="{stem}_mask",
+                                               data_dir=str(tmp_path / "d"), test_count=1, channels=3))
+    assert source.info.splits == {"train": 3, "test": 1}
+    examples = [*source.split("train"), *source.split("test")]
+    got = sorted(tuple(np.asarray(e["mask"]).ravel()) for e in examples)
+    assert got == sorted(tuple((m >= 128).astype(np.int32).ravel()) for m in masks.values())  # each its own mask
+    with pytest.raises(ConfigError, match="set dataset.mask_pattern"):
+        DATASETS.build("mask_folder", cfg(path=str(root), images="all", masks="all"))
+    with pytest.raises(ConfigError, match="must hold {stem} once"):
+        DATASETS.build("mask_folder", cfg(path=str(root), mask_pattern="mask_{stem}_{stem}"))

@@ -10,7 +10,8 @@ The test split holds ``test_count`` random pairs (or ``test_fraction`` of them),
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ class MaskFolderConfig(FolderConfig):
     mask_values: pixel value of each class, in class order (e.g. [0, 128, 255]); empty: two classes,
         pixel >= mask_threshold is class 1.
     test_count: hold out this many random pairs as ``test`` (0: use test_fraction).
+    mask_pattern: the name of an image's mask, from the image's stem: ``{stem}`` (default: the same stem, any
+        image extension), ``{stem}_mask`` (``x_mask.png`` for ``x.jpg``), ``{stem}_mask.png`` (that extension
+        only). With a pattern other than ``{stem}`` the masks may sit beside the images (``dataset.masks``
+        equal to ``dataset.images``): files named like masks are not taken for images.
     on_size_mismatch: a mask whose size differs from its image's: 'fail' (error naming both files) or
         'skip' (leave the pair out and log its files).
     """
@@ -67,6 +72,7 @@ class MaskFolderConfig(FolderConfig):
     mask_values: list[int] = field(default_factory=list, metadata={"ge": 0, "le": 255})
     test_count: int = field(default=0, metadata={"ge": 0})
     on_size_mismatch: str = "fail"
+    mask_pattern: str = "{stem}"
 
 
 def _check(cfg: MaskFolderConfig) -> None:
@@ -82,12 +88,34 @@ def _check(cfg: MaskFolderConfig) -> None:
         raise ConfigError(f"dataset.on_size_mismatch must be 'fail' or 'skip', got {cfg.on_size_mismatch!r}")
     if cfg.test_count < 0:
         raise ConfigError(f"dataset.test_count must be >= 0, got {cfg.test_count}")
+    if cfg.mask_pattern.count("{stem}") != 1 or "/" in cfg.mask_pattern:
+        raise ConfigError(f"dataset.mask_pattern must hold {{stem}} once (e.g. '{{stem}}_mask' or "
+                          f"'{{stem}}_mask.png'), a file name without folders; got {cfg.mask_pattern!r}")
+    if cfg.masks == cfg.images and cfg.mask_pattern == "{stem}":
+        raise ConfigError(f"dataset.masks and dataset.images are both {cfg.images!r}: set dataset.mask_pattern "
+                          f"(e.g. '{{stem}}_mask') so that masks and images can be told apart")
 
 
-def pair_files(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs matched by stem; an image without a mask, or a mask without an image, is an error."""
-    images = {p.relative_to(image_dir).with_suffix(""): p for p in image_files(image_dir)}
-    masks = {p.relative_to(mask_dir).with_suffix(""): p for p in image_files(mask_dir)}
+def mask_stem_matcher(pattern: str) -> Callable[[str], str | None]:
+    """``file name -> the stem of its image`` for masks named by ``pattern`` (see ``mask_pattern``); None for a
+    name the pattern does not give."""
+    head, tail = pattern.split("{stem}")
+    extension = "" if Path(tail).suffix else r"\.[^.]+"  # an extension in the pattern: that one only
+    regex = re.compile(re.escape(head) + r"(?P<stem>.+)" + re.escape(tail) + extension + "$")
+    return lambda name: found.group("stem") if (found := regex.match(name)) else None
+
+
+def pair_files(image_dir: Path, mask_dir: Path, pattern: str = "{stem}") -> list[tuple[Path, Path]]:
+    """(image, mask) pairs, each mask named by ``pattern`` from its image's stem; an image without a mask, or a
+    mask without an image, is an error."""
+    stem_of = mask_stem_matcher(pattern)
+    masks = {}
+    for path in image_files(mask_dir):
+        stem = stem_of(path.name)
+        if stem is not None:
+            masks[path.relative_to(mask_dir).parent / stem] = path
+    named_as_masks = set(masks.values())
+    images = {p.relative_to(image_dir).with_suffix(""): p for p in image_files(image_dir) if p not in named_as_masks}
     if not images:
         raise DataError(f"{image_dir}: no images (.png, .jpg, ...)")
     if orphans := sorted(set(masks) - set(images)):
@@ -117,7 +145,7 @@ def scan(root: Path, cfg: MaskFolderConfig, corrupt: CorruptImages) -> Plan:
     """Pair and check every image and mask, assign splits, and describe the dataset to write."""
     image_dir, mask_dir = root / cfg.images, root / cfg.masks
     pairs, shapes = [], set()
-    for image, mask in pair_files(image_dir, mask_dir):
+    for image, mask in pair_files(image_dir, mask_dir, cfg.mask_pattern):
         try:
             image_size, mask_size = read_header(image)[0], read_header(mask)[0]
         except DECODE_ERRORS as exc:
@@ -198,7 +226,7 @@ def build_mask_folder(cfg: MaskFolderConfig) -> SegmentationSource:
                "split_seed": cfg.split_seed, "on_corrupt": cfg.on_corrupt, "images": cfg.images, "masks": cfg.masks,
                "num_classes": cfg.num_classes, "class_names": list(cfg.class_names),
                "mask_threshold": cfg.mask_threshold, "mask_values": list(cfg.mask_values),
-               "on_size_mismatch": cfg.on_size_mismatch}
+               "on_size_mismatch": cfg.on_size_mismatch, "mask_pattern": cfg.mask_pattern}
     identity = folder_identity(root, files, options)
     builder, prepared_now = load_or_prepare("mask_folder", identity, data_dir=cfg.data_dir, version=VERSION,
                                             make_plan=lambda: scan(root, cfg, corrupt))
