@@ -22,6 +22,7 @@ weights, the honest baseline for "what does training buy".
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -232,16 +233,21 @@ def saved_config(run_dir: str | Path, step: str | int | None = None) -> dict:
 
 def restore(run: Run, run_dir: str | Path, saved: dict, step: str | int = "best") -> int | None:
     """Restore the run's checkpoint at ``step`` into ``run`` (``init``: keep its fresh weights); returns the
-    step restored (None for ``init``)."""
+    step restored (None for ``init``). Inputs are then normalized as the model was trained: with the statistics
+    the checkpoint records, not those of a dataset given in the overrides (digits, say, computes them on its
+    training split, so another split of it would shift every input)."""
     if step == "init":
         return None
     checkpointer = _checkpointer(Path(run_dir), CheckpointConfig(**saved.get("checkpoint", {})))
     try:
         restored = _choose_step(checkpointer, step)
-        run.state, _, _ = checkpointer.restore(restored, run.abstract_state, meta_check={"model": run.cfg.model.name},
-                                               defaults=STATE_DEFAULTS)
+        run.state, _, meta = checkpointer.restore(restored, run.abstract_state,
+                                                  meta_check={"model": run.cfg.model.name}, defaults=STATE_DEFAULTS)
     finally:
         checkpointer.close()
+    normalization = meta.get("normalization")
+    if normalization:  # checkpoints written before it was recorded keep the dataset's own
+        run.info = dataclasses.replace(run.info, mean=normalization["mean"], std=normalization["std"])
     return restored
 
 

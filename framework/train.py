@@ -148,8 +148,12 @@ class Trainer(Run):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _meta(self) -> dict:
+        info = self.info
         return {"model": self.cfg.model.name, "signature": signature(self.abstract_state),
-                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                # the inputs' normalization the model learns with: prism eval/predict apply it to other data too
+                "normalization": {"mean": None if info.mean is None else [float(x) for x in info.mean],
+                                  "std": None if info.std is None else [float(x) for x in info.std]}}
 
     def _save(self, step: int, data_iter, metrics: dict | None) -> None:
         if self.checkpointer is None:
