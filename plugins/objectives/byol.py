@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prism.framework.api import DataInfo
-from prism.framework.errors import ConfigError
 from prism.framework.registry import OBJECTIVES
 from prism.plugins.objectives._ssl_common import (
     MLP,
@@ -29,6 +28,7 @@ from prism.plugins.objectives._ssl_common import (
     MomentumCopy,
     SSLConfig,
     SSLObjective,
+    check_tau_schedule,
     cosine_tau,
     l2_normalize,
 )
@@ -68,11 +68,7 @@ class BYOL(SSLObjective):
     def __init__(self, cfg: BYOLConfig, *, model: nnx.Module, data: DataInfo, rngs: nnx.Rngs,
                  total_steps: int) -> None:
         super().__init__(cfg, model=model, data=data, rngs=rngs)
-        if not 0.0 <= cfg.tau_base <= cfg.tau_final <= 1.0:
-            raise ConfigError(f"objective.tau_base/tau_final: need 0 <= tau_base <= tau_final <= 1, "
-                              f"got {cfg.tau_base} and {cfg.tau_final}")
-        if total_steps < 1:
-            raise ConfigError(f"objective 'byol': total_steps must be positive, got {total_steps}")
+        check_tau_schedule(self.method, cfg.tau_base, cfg.tau_final, total_steps)
         self.tau_base, self.tau_final, self.total_steps = cfg.tau_base, cfg.tau_final, total_steps
         self.projector = MLP(self.num_features, cfg.proj_hidden_dim, cfg.proj_output_dim, rngs=rngs)
         self.predictor = MLP(cfg.proj_output_dim, cfg.pred_hidden_dim, cfg.proj_output_dim, rngs=rngs)
