@@ -103,6 +103,7 @@ if ! (cd /tmp && python3 -c "import prism.framework") 2>/dev/null; then
   # checkout's framework/, plugins/, conf/ (pyproject's package-dir) through links in a namespace folder.
   mkdir -p "$work/src/prism"
   for p in framework plugins conf; do ln -sfn "$here/$p" "$work/src/prism/$p"; done
+  mkdir -p "$work/src/hydra_plugins" && ln -sfn "$here/framework/hydra_launcher" "$work/src/hydra_plugins/prism_launcher"
   export PYTHONPATH=$work/src${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 - > "$work/env/versions.txt" 2>&1 <<'EOF'

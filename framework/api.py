@@ -14,12 +14,13 @@ detection, ``mask`` for segmentation, ...).
 - task builder ``(cfg, *, data: DataInfo) -> Task``
 - optimizer builder ``(cfg, *, learning_rate, weight_decay_mask) -> optax.GradientTransformation``
 - schedule builder ``(cfg, *, base_lr: float, total_steps: int) -> optax.Schedule``
+- explainer builder ``(cfg) -> Explainer``
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -98,6 +99,24 @@ class Detector(Protocol):
     """A detection model: ``detect(images) -> (boxes, scores)`` (normalized corner boxes, per-class scores)."""
 
     def detect(self, images: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+
+class TappedModel(Protocol):
+    """A model that marks intermediate feature maps with :func:`prism.framework.taps.tap`: what explainers that
+    read or differentiate a layer need (Grad-CAM). ``tap_layers`` names them in forward order; each is a map
+    (batch, h, w, channels) on the image's grid (a transformer's patch tokens as a grid); the last is the layer
+    explained by default (a CNN's last convolutional stage)."""
+
+    tap_layers: tuple[str, ...]
+
+
+class AttentionModel(Protocol):
+    """A transformer that taps its attention weights (:func:`prism.framework.taps.tap`): what attention rollout
+    needs. ``attention_layers`` names them in forward order; each is (batch, heads, tokens, tokens), softmax over
+    the last axis, the first ``tokens - h * w`` tokens extra (a class token) and the rest the patch grid, row by
+    row, with the image's aspect ratio."""
+
+    attention_layers: tuple[str, ...]
 
 
 def contract_members(contract: type) -> list[str]:
@@ -184,6 +203,12 @@ class Task(ABC):
     model_contract: type | None = None
     #: Split whose outputs ``summarize`` also receives as ``reference`` (None: none).
     reference_split: str | None = None
+    #: When True, ``eval_outputs`` is called as ``eval_outputs(model, batch, objective=...)`` with the run's
+    #: objective too, for tasks that evaluate what a trainable part of the objective computes (an embedding head).
+    takes_objective: bool = False
+    #: Other batch keys holding uint8 images that evaluation converts and normalizes exactly as it does ``image``
+    #: (the second image of a verification pair).
+    extra_image_keys: tuple[str, ...] = ()
 
     @abstractmethod
     def eval_outputs(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
@@ -219,3 +244,48 @@ class Task(ABC):
         """One image's ``predict_outputs`` as JSON-able data; ``image_size`` is the input file's (height, width).
         Default: the arrays as lists."""
         return {name: np.asarray(value).tolist() for name, value in outputs.items()}
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """Where images live once normalized for the model: the per-channel values of a black and of a white pixel
+    (explainers build baselines and noise scales from them)."""
+
+    black: tuple[float, ...]
+    white: tuple[float, ...]
+
+    @classmethod
+    def of(cls, info: DataInfo) -> InputSpace:
+        """The space of images normalized with ``info``'s mean/std (none: [0, 1])."""
+        channels = info.image_shape[-1]
+        mean = info.mean if info.mean is not None else (0.0,) * channels
+        std = info.std if info.std is not None else (1.0,) * channels
+        return cls(tuple(-m / s for m, s in zip(mean, std, strict=True)),
+                   tuple((1 - m) / s for m, s in zip(mean, std, strict=True)))
+
+
+class Explainer(ABC):
+    """A saliency method: a map of how much each place of an image matters to a score of the model.
+
+    ``explain(model, score, images, layer=..., key=..., space=...)`` runs under jit on normalized ``images``
+    (batch, H, W, C). ``score(images)`` gives the scalar to explain, one per example (the logit of the class to
+    explain), differentiable in the images and in every tapped activation; ``model`` is the module it runs (its
+    declared taps). It returns maps (batch, h, w): at the image's resolution or coarser (a layer's grid), larger
+    meaning more important. ``layer`` is a name of ``model.tap_layers`` for explainers with ``uses_layer``
+    (None elsewhere); ``key`` a PRNG key for sampling methods; ``space`` the normalized values of black and white.
+
+    ``model_contract``: the Protocol (:class:`TappedModel`, :class:`AttentionModel`) the model must satisfy,
+    checked before anything is traced, with a one-line error naming what the model lacks.
+    """
+
+    model_contract: type | None = None
+    uses_layer: bool = False
+
+    @abstractmethod
+    def explain(self, model: nnx.Module, score: Callable[[jax.Array], jax.Array], images: jax.Array, *,
+                layer: str | None, key: jax.Array, space: InputSpace) -> jax.Array:
+        """Maps (batch, h, w) of what ``score`` depends on in ``images``."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings of the method (written beside its maps); none by default."""
+        return {}

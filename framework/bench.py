@@ -139,11 +139,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``prism bench data|train [flags] [key=value ...]``."""
+    """``prism bench data|train [flags] [key=value ...]``, ``prism bench infer checkpoint=... [...]``."""
     from prism.framework.bench_train import bench_train
     from prism.framework.bench_train import summary_line as train_summary
     from prism.framework.config import compose
 
+    if list(argv[:1]) == ["infer"]:  # key=value options of its own, no run config to compose
+        from prism.framework.bench_infer import main as infer_main
+
+        return infer_main(list(argv[1:]))
     args = parse_args(argv)
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()

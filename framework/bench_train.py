@@ -21,6 +21,7 @@ FLOP/s (known devices or ``--peak-tflops``), and peak device memory where the ba
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any
@@ -30,6 +31,7 @@ from omegaconf import DictConfig
 
 from prism.framework import compilation_cache, parallel
 from prism.framework.data import train_iterator
+from prism.framework.device_prefetch import DevicePrefetcher
 from prism.framework.errors import ConfigError
 from prism.framework.flops import function_flops
 from prism.framework.run import Run
@@ -149,9 +151,15 @@ def bench_train(cfg: DictConfig, *, steps: int = 20, warmup: int = 5, data: str 
                              shuffle=cfg.loader.shuffle, workers=cfg.loader.workers, threads=cfg.loader.threads,
                              prefetch=cfg.loader.prefetch)
     fixed = parallel.global_batch(run.mesh, next(batches))
+    if data == "pipeline" and cfg.loader.device_prefetch > 0:  # read and copied ahead, as training's host path
+        batches = DevicePrefetcher(batches, functools.partial(parallel.global_batch, run.mesh),
+                                   depth=cfg.loader.device_prefetch)
 
     def next_batch():
-        return parallel.global_batch(run.mesh, next(batches)) if data == "pipeline" else fixed
+        if data != "pipeline":
+            return fixed
+        batch = next(batches)
+        return batch if isinstance(batches, DevicePrefetcher) else parallel.global_batch(run.mesh, batch)
 
     started, cache_before = time.perf_counter(), compilation_cache.stats()
     step = programs.step.lower(run.state, fixed).compile()

@@ -1,8 +1,9 @@
 """The ``prism`` command: ``prism COMMAND [ARGS]``, each command an entry of the ``COMMANDS`` registry.
 
-Built-in commands: ``train`` (a Hydra app), ``eval``, ``predict``, ``list [KIND]``, ``bench``, ``sweep-report DIR``,
-``reproduce NAME``, registered below with ``@COMMANDS.register``; packages add theirs through the entry point group
-``prism.commands`` (:mod:`prism.framework.commands`). ``prism --help`` lists them all.
+Built-in commands: ``train`` (a Hydra app), ``eval``, ``predict``, ``explain``, ``export``, ``quantize``,
+``list [KIND]``, ``bench``, ``sweep-report DIR``, ``reproduce NAME``, registered below with ``@COMMANDS.register``;
+packages add theirs through the entry point group ``prism.commands`` (:mod:`prism.framework.commands`).
+``prism --help`` lists them all.
 
 Errors the user can fix (:class:`prism.framework.errors.PrismError`) are printed as one message and exit
 with status 2; Hydra's own config errors (unknown key, wrong type) keep Hydra's message, which names
@@ -325,6 +326,37 @@ def cmd_predict(args: list[str]) -> int:
     return 0
 
 
+EXPLAIN_OPTIONS = ("checkpoint", "input", "method", "target", "layer", "out", "step")
+
+
+@COMMANDS.register("explain", description="Explain a saved classifier's predictions on images (saliency maps).",
+                   usage="prism explain checkpoint=RUN_DIR input=IMAGE_OR_FOLDER method=NAME [target=pred|CLASS] "
+                         "[layer=NAME] [method.KEY=VALUE ...] [out=DIR] [step=best|latest|N] [key=value ...]")
+def cmd_explain(args: list[str]) -> int:
+    """``prism explain``: saliency maps of a saved run (``prism list explainer``: the methods), as overlay PNGs
+    and raw ``.npy`` maps."""
+    import json
+
+    from prism.framework.explain import explain_run
+    from prism.framework.plugins import load_plugins
+
+    pairs = [a.split("=", 1) if "=" in a else [a, None] for a in args]
+    options = {k: v for k, v in pairs if k in EXPLAIN_OPTIONS}
+    settings = {k.split(".", 1)[1]: v for k, v in pairs if k.startswith("method.")}
+    overrides = [a for a, (k, _) in zip(args, pairs, strict=True) if k not in EXPLAIN_OPTIONS
+                 and not k.startswith("method.")]
+    missing = [k for k in ("checkpoint", "input", "method") if k not in options]
+    if missing:
+        return _fail(f"prism explain needs {' and '.join(f'{k}=...' for k in missing)}\n{command_usage('explain')}")
+    load_plugins()
+    check_group_choices(overrides)
+    result = explain_run(options["checkpoint"], options["input"], options["method"], settings=settings,
+                         target=options.get("target", "pred"), layer=options.get("layer", ""), overrides=overrides,
+                         step=options.get("step", "best"), out_dir=options.get("out"))
+    print(json.dumps({k: result[k] for k in ("images", "method", "layer", "step", "out_dir")}))
+    return 0
+
+
 def _model_stats_column(names: list[str], compute: bool) -> tuple[dict[str, str], int]:
     """``({name: "params  GFLOPs" text}, number not cached)`` for model rows; computes missing ones when asked."""
     from prism.framework.model_summary import cached_summary
@@ -394,8 +426,10 @@ def cmd_list(args: list[str]) -> int:
     return 0
 
 
-@COMMANDS.register("bench", description="Benchmark the input pipeline or training steps.",
-                   usage="prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...]")
+@COMMANDS.register("bench", description="Benchmark the input pipeline, training steps, or inference (JAX vs "
+                                          "onnxruntime).",
+                   usage="prism bench data|train [--steps N] [--data synthetic|pipeline] [--out PATH] [key=value ...] "
+                         "| prism bench infer checkpoint=RUN_DIR|FILE [device=cpu|gpu] [batch=1,8,64]")
 def cmd_bench(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -426,6 +460,25 @@ def cmd_reproduce(args: list[str]) -> int:
     from prism.framework.reproduce import main as reproduce_main
 
     return reproduce_main(args)
+
+
+@COMMANDS.register("export", description="Export a saved run's inference function to ONNX or StableHLO, checked "
+                                           "against JAX on evaluation images (exit 1 when it differs).",
+                   usage="prism export checkpoint=RUN_DIR format=onnx|stablehlo [step=best|latest|N] "
+                         "[batch=dynamic|N] [out=FILE] [export.images=32] [export.atol=1e-4] [export.rtol=1e-4]")
+def cmd_export(args: list[str]) -> int:
+    from prism.framework.export import main as export_main
+
+    return export_main(args)
+
+
+@COMMANDS.register("quantize", description="Static int8 quantization of a saved run's ONNX export (onnxruntime): "
+                                             "accuracy fp32 vs int8, file sizes, CPU latency.",
+                   usage="prism quantize checkpoint=RUN_DIR [calibration=N] [step=best|latest|N] [out=DIR]")
+def cmd_quantize(args: list[str]) -> int:
+    from prism.framework.quantize import main as quantize_main
+
+    return quantize_main(args)
 
 
 def find_command(name: str) -> Entry | None:

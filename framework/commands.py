@@ -10,9 +10,10 @@ A command is a handler ``(args: list[str]) -> int`` (the exit status) registered
         print("hello", *args)
         return 0
 
-The built-in commands (``train``, ``eval``, ``predict``, ``list``, ``bench``, ``sweep-report``, ``reproduce``) are
-registered in :mod:`prism.framework.cli`. A package adds one through an entry point in the group ``prism.commands``,
-named after the command; its value is the handler, or a module that registers its commands on import::
+The built-in commands (``train``, ``eval``, ``predict``, ``explain``, ``export``, ``quantize``, ``list``, ``bench``,
+``sweep-report``, ``reproduce``) are registered in :mod:`prism.framework.cli`. A package adds one through an entry
+point in the group ``prism.commands``, named after the command; its value is the handler, or a module that registers
+its commands on import::
 
     [project.entry-points."prism.commands"]
     hello = "my_package.cli:hello"

@@ -90,6 +90,8 @@ class LoaderConfig:
     threads: grain read threads per process (also the threads that decode a split for the device path);
         -1 (default): one per core of this machine, at most 16 (2 on a 2-core laptop, 16 on a GPU host).
     prefetch: batches prefetched by the host pipeline.
+    device_prefetch: training batches the host path reads and copies to the devices ahead of the step, in a
+        background thread (:mod:`prism.framework.device_prefetch`; 0: on the training thread, between steps).
     shuffle: shuffle the training split (a new permutation every epoch, seeded).
     placement: where the examples live while training: 'host' (read, batched and sent to the devices
         every step), 'device' (each split decoded once and kept in device memory; batches are gathered
@@ -101,6 +103,7 @@ class LoaderConfig:
     workers: int = field(default=0, metadata={"ge": 0})
     threads: int = field(default=-1, metadata={"ge": -1})
     prefetch: int = field(default=2, metadata={"ge": 0})
+    device_prefetch: int = field(default=2, metadata={"ge": 0})
     shuffle: bool = True
     placement: str = field(default="auto", metadata={"choices": ("auto", "device", "host")})
     device_memory_fraction: float = field(default=0.25, metadata={"gt": 0, "le": 1})
@@ -205,11 +208,12 @@ class PrismConfig:
 #: Keys every plugin of a kind gets besides its own config fields: ``name``; for models ``pretrained``
 #: (weights to load after initialisation, see :mod:`prism.framework.pretrained`; '' for none); for datasets
 #: ``train_split`` and ``eval_split`` (the splits a run trains and evaluates on, TFDS split specs, slicing
-#: allowed: ``train[:90%]``), so ``cfg.dataset.train_split`` is always there. A plugin whose dataclass
-#: declares one of these fields keeps its own (its default, type and metadata).
+#: allowed: ``train[:90%]``), so ``cfg.dataset.train_split`` is always there, and ``one_class`` (a class
+#: index or name: the one-class protocol of :mod:`prism.framework.one_class`; '' for none). A plugin whose
+#: dataclass declares one of these fields keeps its own (its default, type and metadata).
 COMMON_FIELDS: dict[str, list[tuple[str, type, Any]]] = {
     "model": [("pretrained", str, "")],
-    "dataset": [("train_split", str, "train"), ("eval_split", str, "test")],
+    "dataset": [("train_split", str, "train"), ("eval_split", str, "test"), ("one_class", str, "")],
 }
 
 
@@ -234,11 +238,20 @@ def register_configs() -> None:
     """
     cs = ConfigStore.instance()
     cs.store(name="prism_schema", node=PrismConfig)
+    register_launcher()
     for kind, registry in REGISTRIES.items():
         if kind not in SELECTED_KINDS:
             continue
         for entry in registry.entries():
             cs.store(group=kind, name=entry.name, node=config_node(entry), provider=entry.module)
+
+
+def register_launcher() -> None:
+    """prism's sweep launcher (``hydra/launcher=prism``, the default): its config node in the ConfigStore and its
+    class in Hydra's plugin list (Hydra's own scan misses it in editable installs)."""
+    import hydra_plugins.prism_launcher as launcher
+
+    launcher.register()
 
 
 def group_options(kind: str) -> list[str]:

@@ -56,8 +56,8 @@ class OptimizerOptions:
         ``1 - 0.95 ** 5``. 0 keeps alpha constant.
     """
 
-    lr_multipliers: dict[str, float] = field(default_factory=dict)
-    freeze_after: dict[str, float] = field(default_factory=dict)
+    lr_multipliers: dict[str, float] = field(default_factory=dict, metadata={"gt": 0})
+    freeze_after: dict[str, float] = field(default_factory=dict, metadata={"ge": 0, "le": 1})
     lookahead_steps: int = field(default=0, metadata={"ge": 0})
     lookahead_alpha: float = field(default=0.5, metadata={"gt": 0, "le": 1})
     lookahead_alpha_power: float = field(default=0.0, metadata={"ge": 0})

@@ -194,6 +194,9 @@ TRANSFORMS = Registry("transform")
 OPTIMIZERS = Registry("optimizer")
 SCHEDULES = Registry("schedule")
 METRICS = Registry("metric")
+#: Saliency methods (``prism explain method=NAME``, task ``explain_faithfulness``): the builder returns an
+#: :class:`prism.framework.api.Explainer`.
+EXPLAINERS = Registry("explainer")
 
 
 def _load_commands() -> None:
@@ -215,7 +218,8 @@ COMMANDS = Registry("command", loader=_load_commands, failures=_command_failures
 
 #: Every registry by kind; the plugin kinds (all but ``command``) are also the Hydra config groups.
 REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (MODELS, OBJECTIVES, TASKS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULES, METRICS, COMMANDS)
+    r.kind: r for r in (MODELS, OBJECTIVES, TASKS, DATASETS, TRANSFORMS, OPTIMIZERS, SCHEDULES, METRICS, EXPLAINERS,
+                        COMMANDS)
 }
 
 

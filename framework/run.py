@@ -23,8 +23,10 @@ from omegaconf import DictConfig
 
 from prism.framework import parallel
 from prism.framework.api import CopiesModelWeights, DataInfo, DataInitialized, DataSource, Task, missing_members
+from prism.framework.data import read_threads
 from prism.framework.errors import ConfigError
 from prism.framework.model_check import check_model_fits
+from prism.framework.one_class import apply_one_class
 from prism.framework.optim import build_optimizer, plugin_config
 from prism.framework.pretrained import ImportReport, load_pretrained
 from prism.framework.registry import DATASETS, MODELS, OBJECTIVES, TASKS
@@ -129,7 +131,8 @@ class Run:
     # -- data -----------------------------------------------------------------------------------
     def _open_data(self, decode: bool) -> None:
         cfg = self.cfg
-        self.source: DataSource = build_plugin(DATASETS, cfg.dataset)
+        self.source: DataSource = apply_one_class(build_plugin(DATASETS, cfg.dataset), cfg.dataset,
+                                                  threads=read_threads(cfg.loader.threads))
         self.info: DataInfo = self.source.info
         self.train_split = self.source.split(cfg.dataset.train_split)
         self.eval_split = self.source.split(cfg.dataset.eval_split)

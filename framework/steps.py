@@ -183,7 +183,10 @@ def make_eval_step(eval_graphdef: Any, task: Task, info: DataInfo, *, dtype) -> 
     def eval_step(state: TrainState, batch: dict) -> tuple[dict, dict]:
         system = evaluation_system(state, eval_graphdef, dtype)
         batch = prepare_images(batch, info, dtype)
-        outputs = task.eval_outputs(system.model, batch)
+        for key in getattr(task, "extra_image_keys", ()):
+            batch[key] = prepare_images({"image": batch[key]}, info, dtype)["image"]
+        extra_args = {"objective": system.objective} if getattr(task, "takes_objective", False) else {}
+        outputs = task.eval_outputs(system.model, batch, **extra_args)
         objective_outputs = getattr(system.objective, "eval_outputs", None)
         extra = objective_outputs(system.model, batch) if objective_outputs is not None else {}
         return as_float32(outputs), as_float32(extra)

@@ -32,6 +32,9 @@ log = logging.getLogger("prism")
 
 RESULT_FILE = "result.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+#: Where ``hydra/launcher=prism`` records each job it launches (``<num>.json``: overrides, directory, and the
+#: failure when the job could not record it itself) — the jobs that never got a directory included.
+LAUNCHER_RECORDS = ".prism_jobs"
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Job:
     name: str  # path relative to the sweep directory ("0", "1", ...)
     overrides: dict[str, str]  # key -> value as typed on the command line (``+``/``~`` prefixes kept on keys)
     result: dict[str, Any] = field(default_factory=dict)  # result.json ({} when the job wrote none)
+    stamp_file: Path | None = None  # the file whose mtime tells this start of the job from an earlier one
 
     @property
     def status(self) -> str:
@@ -86,14 +90,36 @@ def read_job(job_dir: Path, sweep_dir: Path) -> Job:
     return Job(job_dir, str(job_dir.relative_to(sweep_dir)), parse_overrides(overrides), result)
 
 
+def launcher_record_jobs(root: Path, known: set[Path]) -> list[Job]:
+    """Jobs that ``hydra/launcher=prism`` launched but that have no job directory of their own in ``known``
+    (a file was in its way, or it never started), from its ``.prism_jobs/`` records."""
+    jobs = []
+    for path in sorted((root / LAUNCHER_RECORDS).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            job_dir = Path(record["dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if job_dir in known:
+            continue
+        result = ({"status": record["status"], "error": record.get("error", "")} if "status" in record else
+                  {"status": "not started", "error": f"the job has no directory with a .hydra/ record ({job_dir})"})
+        name = str(job_dir.relative_to(root)) if job_dir.is_relative_to(root) else str(job_dir)
+        jobs.append(Job(job_dir, name, parse_overrides(record.get("overrides", [])), result, stamp_file=path))
+    return jobs
+
+
 def read_jobs(sweep_dir: str | Path) -> list[Job]:
-    """The jobs of a multirun directory, in job order."""
+    """The jobs of a multirun directory, in job order: those with a job directory, and those that
+    ``hydra/launcher=prism`` recorded as failed before they had one."""
     root = Path(sweep_dir)
-    return [read_job(d, root) for d in job_dirs(root)]
+    jobs = [read_job(d, root) for d in job_dirs(root)]
+    jobs += launcher_record_jobs(root, {j.dir for j in jobs})
+    return sorted(jobs, key=lambda j: _job_sort_key(Path(j.name)))
 
 
-def _stamp(job_dir: Path) -> int:
-    return (job_dir / OVERRIDES_FILE).stat().st_mtime_ns
+def _stamp(job: Job) -> int:
+    return (job.stamp_file or job.dir / OVERRIDES_FILE).stat().st_mtime_ns
 
 
 class SweepTracker(Callback):
@@ -108,14 +134,14 @@ class SweepTracker(Callback):
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-        before = {d: _stamp(d) for d in job_dirs(sweep_dir)} if sweep_dir.is_dir() else {}
+        before = {j.dir: _stamp(j) for j in read_jobs(sweep_dir)} if sweep_dir.is_dir() else {}
         SweepTracker.current = (sweep_dir, before)
 
 
 def sweep_jobs(sweep_dir: Path, before: dict[Path, int] | None = None) -> list[Job]:
     """The jobs of this sweep: those whose directory is new or was started again since ``before``."""
     before = before or {}
-    return [j for j in read_jobs(sweep_dir) if before.get(j.dir) != _stamp(j.dir)]
+    return [j for j in read_jobs(sweep_dir) if before.get(j.dir) != _stamp(j)]
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:

@@ -8,6 +8,7 @@ every batch by index inside the program, so the host only sends the indices).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from prism.framework import parallel
 from prism.framework.augment import Pipeline
 from prism.framework.data import train_iterator
+from prism.framework.device_prefetch import DevicePrefetcher
 from prism.framework.errors import ConfigError
 from prism.framework.resident import train_index_stream
 from prism.framework.run import Run
@@ -100,9 +102,14 @@ class TrainPrograms:
             data_iter = train_iterator(run.train_split, global_batch=cfg.train.batch_size, host=run.host,
                                        seed=cfg.seed, shuffle=cfg.loader.shuffle, workers=cfg.loader.workers,
                                        threads=cfg.loader.threads, prefetch=cfg.loader.prefetch)
+        to_devices = functools.partial(parallel.global_batch, run.mesh)
+        if cfg.loader.device_prefetch > 0:  # read and copied ahead, while the devices run the step before
+            data_iter = DevicePrefetcher(data_iter, to_devices, depth=cfg.loader.device_prefetch)
+            to_devices = None
 
         def host_call(count: int) -> dict:
-            run.state, logs = self.step(run.state, parallel.global_batch(run.mesh, next(data_iter)))
+            batch = next(data_iter)
+            run.state, logs = self.step(run.state, batch if to_devices is None else to_devices(batch))
             return logs
 
         return data_iter, host_call

@@ -11,7 +11,8 @@ may be in the field's metadata; plain data, so a plugin needs no import for it::
 
 Keys: ``ge`` / ``gt`` / ``le`` / ``lt`` bound a number (which must then also be finite), ``finite`` asks only
 that, ``choices`` lists the allowed values, ``when=(SIBLING, VALUE)`` applies the field's checks only while
-the sibling field has that value. A list value is checked element by element.
+the sibling field has that value. A list value is checked element by element, a dict value by value
+(``lr_multipliers: dict[str, float] = field(..., metadata={"ge": 0})``).
 
 :func:`validate_config` checks a composed config against every structured node in it (the root schema and
 the chosen plugins' nodes) and raises one :class:`~prism.framework.errors.ConfigError` naming the key, the
@@ -77,6 +78,10 @@ def check_value(key: str, value: Any, checks: dict[str, Any], *, condition: str 
     if isinstance(value, ListConfig | list | tuple):
         for i, item in enumerate(value):
             check_value(f"{key}[{i}]", item, checks, condition=condition)
+        return
+    if isinstance(value, DictConfig | dict):
+        for name, item in value.items():
+            check_value(f"{key}[{str(name)!r}]", item, checks, condition=condition)
         return
     if value is None or _allowed(value, checks):
         return

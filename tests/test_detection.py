@@ -232,7 +232,7 @@ def test_boxes_follow_flips_crops_and_resizes_through_the_pipeline(tmp_path):
                    "augment=detection", "augment.ops.0.size=[64,64]", "augment.ops.0.scale=[0.3,1.0]"])
     from prism.framework.registry import DATASETS
     source = DATASETS.build("voc_folder", DATASETS.get("voc_folder").config(
-        **{k: v for k, v in cfg.dataset.items() if k != "name"}))
+        **{k: v for k, v in cfg.dataset.items() if k not in ("name", "one_class")}))  # keys the framework reads
     split = source.split("train")
     batch = {k: jnp.stack([split[i][k] for i in range(len(split))]) for k in ("image", "boxes", "box_valid", "labels")}
     pipeline = Pipeline.from_config(cfg.augment.ops)

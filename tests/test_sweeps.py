@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import yaml
@@ -166,6 +168,72 @@ def test_joblib_sweep_survives_failed_jobs_and_reports(tmp_path):
     assert (sweep / "report.md").read_text() == md  # the good report stays
     for png in ("target_vs_params.png", "learning_curves.png"):
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_prism_launcher_runs_every_job_whatever_happens_to_the_others(tmp_path):
+    """hydra/launcher=prism with a process per job: job 0's process is killed (kill -9) mid-run, job 1's
+    directory is a file, job 2 still runs and completes; the summary lists both failures with their reasons, and
+    sweep-report tabulates all three jobs."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "1").write_text("in the way")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism.framework", "train", "-m", "hydra/launcher=prism",
+         "hydra.launcher.processes=true", "model.widths=[4]", "train.steps=100000,4,4", *TINY[1:],
+         f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lock = sweep / "0" / ".prism.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        os.kill(int(lock.read_text().split()[0]), signal.SIGKILL)  # job 0's own process, mid-run
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 1, stderr[-4000:]
+    assert "2 of 3 sweep job(s) did not complete" in stderr, stderr[-4000:]
+    assert "  0 [failed] train.steps=100000\n      the job's process was killed by SIGKILL" in stderr
+    assert "  1 [failed] train.steps=4\n      FileExistsError: " in stderr and str(sweep / "1") in stderr
+    assert read_result(sweep / "0") == {"status": "failed", "error": "the job's process was killed by SIGKILL"}
+    assert (sweep / "1").read_text() == "in the way"
+    assert read_result(sweep / "2")["status"] == "completed" and read_result(sweep / "2")["steps"] == 4
+
+    from prism.framework.sweep_report import main as sweep_report
+
+    assert sweep_report([str(sweep)]) == 0
+    with (sweep / "report.csv").open() as f:
+        rows = {r["job"]: r for r in csv.DictReader(f)}
+    assert {job: row["status"] for job, row in rows.items()} == {"0": "failed", "1": "failed", "2": "completed"}
+    assert "FileExistsError" in rows["1"]["error"]
+
+
+def test_sweep_jobs_include_launcher_records_without_a_directory(tmp_path):
+    """A job the prism launcher recorded but that never got its directory is listed, in job order, with its
+    recorded failure; a record beside a real job directory adds nothing."""
+    from prism.framework.sweep import LAUNCHER_RECORDS, failure_summary, read_jobs
+
+    sweep = tmp_path / "sweep"
+    for num, seed in ((0, 0), (2, 2)):
+        (sweep / str(num) / ".hydra").mkdir(parents=True)
+        (sweep / str(num) / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+        (sweep / str(num) / "result.json").write_text('{"status": "completed"}')
+    records = sweep / LAUNCHER_RECORDS
+    records.mkdir()
+    for num in range(3):
+        record = {"num": num, "overrides": [f"seed={num}"], "dir": str(sweep / str(num))}
+        if num == 1:
+            record.update(status="failed", error="NotADirectoryError: job dir")
+        (records / f"{num}.json").write_text(json.dumps(record))
+
+    jobs = read_jobs(sweep)
+    assert [(j.name, j.status, j.overrides) for j in jobs] == [
+        ("0", "completed", {"seed": "0"}), ("1", "failed", {"seed": "1"}), ("2", "completed", {"seed": "2"})]
+    summary = failure_summary(sweep, jobs)
+    assert summary.splitlines()[:3] == [f"1 of 3 sweep job(s) did not complete (sweep directory {sweep}):",
+                                        "  1 [failed] seed=1", "      NotADirectoryError: job dir"]
 
 
 @pytest.mark.slow

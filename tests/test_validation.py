@@ -204,7 +204,7 @@ def test_plugin_dataclass_ranges_are_checked(test_plugins):
 
 
 def test_every_dataset_node_has_the_split_keys(test_plugins):
-    assert [name for name, *_ in COMMON_FIELDS["dataset"]] == ["train_split", "eval_split"]
+    assert [name for name, *_ in COMMON_FIELDS["dataset"]] == ["train_split", "eval_split", "one_class"]
     for name in DATASETS.names():
         cfg = compose([f"dataset={name}"], validate=False)
         assert isinstance(cfg.dataset.train_split, str) and isinstance(cfg.dataset.eval_split, str), name
@@ -235,6 +235,7 @@ def test_declared_metadata_keys_are_known():
 PLUGIN_UNCHECKED = {
     "dataset/mask_folder.class_names",  # display names, any strings (the builder checks their count)
     "dataset/voc_folder.classes",  # VOC object names in label order, any strings
+    "task/explain_faithfulness.method_settings",  # the explainer's settings, checked against its own config
 }
 
 
@@ -279,19 +280,22 @@ def test_a_bad_value_of_each_plugin_field_is_a_config_error_naming_it(kind):
             base_of[name] = compose([f"{kind}={name}"])
         key = f"{kind}.{f.name}"
         is_list = typing.get_origin(field_type) is list
-        element = typing.get_args(field_type)[0] if is_list else field_type
+        is_dict = typing.get_origin(field_type) is dict
+        element = typing.get_args(field_type)[-1] if is_list or is_dict else field_type
         range_checks = {k: v for k, v in checks.items() if k != "when"}
         for bad in _bad_values(range_checks, element):
             cfg = copy.deepcopy(base_of[name])
             if "when" in checks:  # make the condition hold (warmup_fraction is read while warmup_steps is -1)
                 sibling, value = checks["when"]
                 OmegaConf.update(cfg, f"{kind}.{sibling}", value)
-            OmegaConf.update(cfg, key, [_good_value(range_checks, element), bad] if is_list else bad)
+            value = [_good_value(range_checks, element), bad] if is_list else {"a*": bad} if is_dict else bad
+            OmegaConf.update(cfg, key, value, merge=False)
             with pytest.raises(ConfigError) as info:
                 validate_config(cfg)
             message = str(info.value)
             assert "\n" not in message, (name, message)
-            assert message.startswith(f"{key}[1] must be " if is_list else f"{key} must be "), (name, message)
+            where = f"{key}[1]" if is_list else f"{key}['a*']" if is_dict else key
+            assert message.startswith(f"{where} must be "), (name, message)
             assert describe(range_checks) in message, (name, message)
             assert message.endswith(f"got {bad!r}"), (name, message)
             tested[name] = tested.get(name, 0) + 1
@@ -308,12 +312,40 @@ def test_every_numeric_or_list_field_of_a_builtin_plugin_declares_its_range_or_i
             assert set(f.metadata) <= set(CHECK_KEYS), f"{kind}/{name}.{f.name}: {sorted(f.metadata)}"
             if not config.__module__.startswith("prism.plugins."):
                 continue  # a third-party plugin decides for itself
-            if field_type in (int, float) or typing.get_origin(field_type) in (list, tuple):
+            if field_type in (int, float) or typing.get_origin(field_type) in (list, tuple, dict):
                 numbers += 1
                 if not checks_of(f):
                     unchecked.add(f"{kind}/{name}.{f.name}")
     assert numbers > 100  # the enumeration reached the plugins' configs
     assert unchecked == PLUGIN_UNCHECKED, "give the new field metadata={'ge': ...}, or document it as free"
+
+
+#: String fields of the built-in plugins that take free text, by field name: paths and file/folder names, name
+#: patterns, TFDS builder and feature names, alphabets, and names another registry checks with close matches.
+FREE_STRING_FIELDS = {
+    "path", "data_dir", "pairs", "fonts", "images", "masks", "annotations", "train_list", "test_list", "labels",
+    "test_labels", "mask_pattern", "builder", "image_key", "label_key", "alphabet", "method", "layer",
+}
+
+
+def test_every_enumerated_string_field_of_a_builtin_plugin_declares_its_choices():
+    """A string that picks one of a few behaviours (a stem, a padding, a loss, 'fail'/'skip') declares
+    metadata={'choices': ...}, so a typo is refused before anything runs with the allowed values named, not
+    after the dataset was prepared; free text (paths, names) is listed in FREE_STRING_FIELDS."""
+    from prism.framework.config import COMMON_FIELDS
+
+    common = {name for fields in COMMON_FIELDS.values() for name, *_ in fields}
+    enumerated, free = set(), set()
+    for kind in ("model", "dataset", "objective", "task", "optimizer", "schedule"):
+        for name, config, f, field_type in _plugin_fields(kind):
+            if field_type is not str or f.name in common or not config.__module__.startswith("prism.plugins."):
+                continue
+            if "choices" in checks_of(f):
+                enumerated.add(f"{kind}/{name}.{f.name}")
+            elif f.name not in FREE_STRING_FIELDS:
+                free.add(f"{kind}/{name}.{f.name}")
+    assert not free, f"declare metadata={{'choices': ...}} for {sorted(free)} (or list free text in FREE_STRING_FIELDS)"
+    assert {"model/resnet18.stem", "model/unet.padding", "objective/segmentation.loss"} <= enumerated
 
 
 NO_OUTPUTS = ["checkpoint.enabled=false", "logging.tensorboard=false", "logging.plots=false",

@@ -71,7 +71,7 @@ class MaskFolderConfig(FolderConfig):
     mask_threshold: int = field(default=128, metadata={"ge": 1, "le": 255})
     mask_values: list[int] = field(default_factory=list, metadata={"ge": 0, "le": 255})
     test_count: int = field(default=0, metadata={"ge": 0})
-    on_size_mismatch: str = "fail"
+    on_size_mismatch: str = field(default="fail", metadata={"choices": ("fail", "skip")})
     mask_pattern: str = "{stem}"
 
 

@@ -61,7 +61,7 @@ class VOCFolderConfig(FolderConfig):
     train_list: str = ""
     test_list: str = ""
     max_boxes: int = field(default=32, metadata={"ge": 1})
-    on_bad_annotation: str = "fail"
+    on_bad_annotation: str = field(default="fail", metadata={"choices": ("fail", "skip")})
 
 
 class BadAnnotations:

@@ -10,6 +10,7 @@ from flax import nnx
 from prism.framework.api import DataInfo
 from prism.framework.registry import MODELS
 from prism.plugins.models._layers import (
+    STEM_CONVS,
     adaptive_avg_pool,
     check_stem_conv,
     conv,
@@ -39,7 +40,7 @@ class AlexNetConfig:
     hidden: int = field(default=4096, metadata={"ge": 1})
     dropout: float = field(default=0.5, metadata={"ge": 0, "lt": 1})
     num_classes: int = field(default=0, metadata={"ge": 0})
-    stem_conv: str = "direct"
+    stem_conv: str = field(default="direct", metadata={"choices": STEM_CONVS})
 
 
 class AlexNet(nnx.Module):

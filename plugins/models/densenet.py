@@ -11,7 +11,9 @@ from flax import nnx
 
 from prism.framework.api import DataInfo
 from prism.framework.registry import MODELS
+from prism.framework.taps import tap
 from prism.plugins.models._layers import (
+    STEM_CONVS,
     avg_pool,
     batch_norm,
     check_stem_conv,
@@ -46,7 +48,7 @@ class DenseNetConfig:
     compression: float = field(default=0.5, metadata={"gt": 0, "le": 1})
     drop_rate: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     num_classes: int = field(default=0, metadata={"ge": 0})
-    stem_conv: str = "space_to_depth"
+    stem_conv: str = field(default="space_to_depth", metadata={"choices": STEM_CONVS})
 
 
 class DenseLayer(nnx.Module):
@@ -76,7 +78,10 @@ class Transition(nnx.Module):
 
 
 class DenseNet(nnx.Module):
-    """stem -> dense blocks + transitions -> BN-ReLU -> global average pool (``features``) -> linear ``head``."""
+    """stem -> dense blocks + transitions -> BN-ReLU -> global average pool (``features``) -> linear ``head``.
+
+    Tapped feature maps (``tap_layers``, :mod:`prism.framework.taps`): ``stem``, ``block1``..``block4`` (each
+    dense block's output, before its transition) and ``final`` (the last BN-ReLU, explained by default)."""
 
     def __init__(self, cfg: DenseNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         k = cfg.growth_rate
@@ -99,16 +104,18 @@ class DenseNet(nnx.Module):
         self.norm5 = batch_norm(channels, rngs=rngs)
         self.num_features = channels
         self.head = linear(channels, num_classes, rngs=rngs)
+        self.tap_layers = ("stem", *(f"block{i + 1}" for i in range(len(blocks))), "final")
 
     def features(self, x: jax.Array) -> jax.Array:
         """Globally average-pooled output of the final BN-ReLU, shape (batch, num_features)."""
-        x = max_pool(nnx.relu(self.norm0(self.conv0(x))), 3, 2, padding=1)
+        x = tap("stem", max_pool(nnx.relu(self.norm0(self.conv0(x))), 3, 2, padding=1))
         for i, block in enumerate(self.blocks):
             for layer in block:
                 x = jnp.concatenate([x, layer(x)], axis=-1)
+            x = tap(f"block{i + 1}", x)
             if i < len(self.transitions):
                 x = self.transitions[i](x)
-        return nnx.relu(self.norm5(x)).mean(axis=(1, 2))
+        return tap("final", nnx.relu(self.norm5(x))).mean(axis=(1, 2))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.features(x))

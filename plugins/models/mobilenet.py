@@ -9,7 +9,8 @@ from flax import nnx
 
 from prism.framework.api import DataInfo
 from prism.framework.registry import MODELS
-from prism.plugins.models._layers import batch_norm, check_stem_conv, conv, linear, num_classes_of
+from prism.framework.taps import tap
+from prism.plugins.models._layers import STEM_CONVS, batch_norm, check_stem_conv, conv, linear, num_classes_of
 from prism.plugins.models._torch_import import TorchRules
 
 #: (expansion t, output channels c, repeats n, first stride s), torchvision.models.mobilenetv2.
@@ -37,13 +38,17 @@ class MobileNetV2Config:
     num_classes: 0 means the dataset's number of classes.
     stem_conv: how the strided first conv is computed: "space_to_depth" (a stride-1 conv on blocks of pixels,
         :class:`~plugins.models._layers.SpaceToDepthConv`) or "direct". Same function, same parameters.
+    stem: "imagenet" (torchvision: overall stride 32, for ~224 px images) or "cifar" (the stem conv and the
+        first 24-channel stage at stride 1, overall stride 8, for ~32 px images: the common CIFAR variant,
+        e.g. kuangliu/pytorch-cifar; same parameters, so torchvision weights still load).
     """
 
     width_mult: float = field(default=1.0, metadata={"gt": 0})
     round_nearest: int = field(default=8, metadata={"ge": 1})
     dropout: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
     num_classes: int = field(default=0, metadata={"ge": 0})
-    stem_conv: str = "space_to_depth"
+    stem_conv: str = field(default="space_to_depth", metadata={"choices": STEM_CONVS})
+    stem: str = field(default="imagenet", metadata={"choices": ("imagenet", "cifar")})
 
 
 class ConvBNReLU6(nnx.Module):
@@ -74,15 +79,20 @@ class InvertedResidual(nnx.Module):
 
 
 class MobileNetV2(nnx.Module):
-    """stem conv -> inverted residual stages -> 1x1 conv to 1280 -> global average pool (``features``) -> head."""
+    """stem conv -> inverted residual stages -> 1x1 conv to 1280 -> global average pool (``features``) -> head.
+
+    Tapped feature maps (``tap_layers``, :mod:`prism.framework.taps`): ``stem``, ``block1``..``block17`` (each
+    inverted residual's output) and ``last`` (the final 1x1 conv, explained by default)."""
 
     def __init__(self, cfg: MobileNetV2Config, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         channels = make_divisible(32 * cfg.width_mult, cfg.round_nearest)
         last = make_divisible(1280 * max(1.0, cfg.width_mult), cfg.round_nearest)
-        self.stem = ConvBNReLU6(in_channels, channels, 3, 2, rngs=rngs,
-                                space_to_depth=check_stem_conv(cfg.stem_conv, "MobileNetV2"))
+        cifar = cfg.stem == "cifar"
+        self.stem = ConvBNReLU6(in_channels, channels, 3, 1 if cifar else 2, rngs=rngs,
+                                space_to_depth=not cifar and check_stem_conv(cfg.stem_conv, "MobileNetV2"))
         blocks = []
-        for t, c, n, s in SETTINGS:
+        for stage, (t, c, n, s) in enumerate(SETTINGS):
+            s = 1 if cifar and stage == 1 else s
             out = make_divisible(c * cfg.width_mult, cfg.round_nearest)
             for i in range(n):
                 blocks.append(InvertedResidual(channels, out, s if i == 0 else 1, t, rngs=rngs))
@@ -90,15 +100,16 @@ class MobileNetV2(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.last = ConvBNReLU6(channels, last, 1, rngs=rngs)
         self.num_features = last
+        self.tap_layers = ("stem", *(f"block{i + 1}" for i in range(len(blocks))), "last")
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.head = linear(last, num_classes, kernel_init=_fc_init, rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
         """Globally average-pooled output of the last 1x1 conv, shape (batch, num_features)."""
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.last(x).mean(axis=(1, 2))
+        x = tap("stem", self.stem(x))
+        for i, block in enumerate(self.blocks):
+            x = tap(f"block{i + 1}", block(x))
+        return tap("last", self.last(x)).mean(axis=(1, 2))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.dropout(self.features(x)))

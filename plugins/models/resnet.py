@@ -11,7 +11,9 @@ from flax import nnx
 from prism.framework.api import DataInfo
 from prism.framework.errors import ConfigError
 from prism.framework.registry import MODELS
+from prism.framework.taps import tap
 from prism.plugins.models._layers import (
+    STEM_CONVS,
     batch_norm,
     check_stem_conv,
     conv,
@@ -45,11 +47,11 @@ class ResNetConfig:
     """
 
     depth: int = field(default=50, metadata={"choices": tuple(DEPTHS)})
-    stem: str = "imagenet"
+    stem: str = field(default="imagenet", metadata={"choices": STEMS})
     width: int = field(default=64, metadata={"ge": 1})
     zero_init_residual: bool = False
     num_classes: int = field(default=0, metadata={"ge": 0})
-    stem_conv: str = "space_to_depth"
+    stem_conv: str = field(default="space_to_depth", metadata={"choices": STEM_CONVS})
 
 
 class _Downsample(nnx.Module):
@@ -106,7 +108,10 @@ class Bottleneck(nnx.Module):
 
 
 class ResNet(nnx.Module):
-    """stem -> 4 stages of residual blocks -> global average pool (``features``) -> linear ``head``."""
+    """stem -> 4 stages of residual blocks -> global average pool (``features``) -> linear ``head``.
+
+    Tapped feature maps (``tap_layers``, :mod:`prism.framework.taps`): ``stem`` and ``stage1``..``stage4``, each
+    stage's output (the last one explained by default)."""
 
     def __init__(self, cfg: ResNetConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         if cfg.depth not in DEPTHS:
@@ -134,15 +139,18 @@ class ResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.num_features = channels
         self.head = linear(channels, num_classes, rngs=rngs)
+        self.tap_layers = ("stem", *(f"stage{i + 1}" for i in range(len(blocks))))
 
     def features(self, x: jax.Array) -> jax.Array:
         """Globally average-pooled output of the last stage, shape (batch, num_features)."""
         x = nnx.relu(self.bn1(self.conv1(x)))
         if self.imagenet_stem:
             x = max_pool(x, 3, 2, padding=1)
-        for stage in self.stages:
+        x = tap("stem", x)
+        for i, stage in enumerate(self.stages):
             for blk in stage:
                 x = blk(x)
+            x = tap(f"stage{i + 1}", x)
         return x.mean(axis=(1, 2))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ from prism.framework.api import DataInfo
 from prism.framework.conv import conv_general_dilated
 from prism.framework.layers import BatchNorm
 from prism.framework.registry import MODELS
+from prism.framework.taps import tap
 
 
 @dataclass
@@ -29,7 +30,10 @@ class SimpleCNNConfig:
 
 
 class SimpleCNN(nnx.Module):
-    """conv-BN-ReLU stages -> global average pool -> dropout -> linear head."""
+    """conv-BN-ReLU stages -> global average pool -> dropout -> linear head.
+
+    Tapped feature maps (``tap_layers``, :mod:`prism.framework.taps`): ``stage1``, ``stage2``, ...: each stage's
+    ReLU output, before its max-pool (the last one explained by default)."""
 
     def __init__(self, cfg: SimpleCNNConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         convs, norms, channels = [], [], in_channels
@@ -42,11 +46,12 @@ class SimpleCNN(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.head = nnx.Linear(channels, num_classes, rngs=rngs)
         self.num_features = channels
+        self.tap_layers = tuple(f"stage{i + 1}" for i in range(len(cfg.widths)))
 
     def features(self, x: jax.Array) -> jax.Array:
         """Pooled backbone features, shape (batch, num_features)."""
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            x = nnx.relu(norm(conv(x)))
+            x = tap(f"stage{i + 1}", nnx.relu(norm(conv(x))))
             if i < len(self.convs) - 1:
                 x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
         return x.mean(axis=(1, 2))

@@ -31,7 +31,7 @@ class UNetConfig:
     num_classes: 0 means the dataset's number of classes.
     """
 
-    padding: str = "valid"
+    padding: str = field(default="valid", metadata={"choices": PADDINGS})
     width: int = field(default=64, metadata={"ge": 1})
     levels: int = field(default=4, metadata={"ge": 1})
     batch_norm: bool = False

@@ -10,6 +10,7 @@ from flax import nnx
 from prism.framework.api import DataInfo
 from prism.framework.errors import ConfigError
 from prism.framework.registry import MODELS
+from prism.framework.taps import tap
 from prism.plugins.models._layers import (
     adaptive_avg_pool,
     batch_norm,
@@ -50,7 +51,10 @@ class VGGConfig:
 
 
 class VGG(nnx.Module):
-    """conv groups -> AdaptiveAvgPool(7x7) -> flatten -> [fc, ReLU, dropout] x2 (``features``) -> ``head``."""
+    """conv groups -> AdaptiveAvgPool(7x7) -> flatten -> [fc, ReLU, dropout] x2 (``features``) -> ``head``.
+
+    Tapped feature maps (``tap_layers``, :mod:`prism.framework.taps`): ``stage1``..``stage5``, each conv group's
+    output after its max-pool (the last one explained by default)."""
 
     def __init__(self, cfg: VGGConfig, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         if cfg.depth not in LAYOUTS:
@@ -65,6 +69,7 @@ class VGG(nnx.Module):
             self.pool_after.append(False)
             channels = item
         self.pool_after = tuple(self.pool_after)
+        self.tap_layers = tuple(f"stage{i + 1}" for i in range(sum(self.pool_after)))
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
         self.fc1 = linear(channels * 7 * 7, cfg.hidden, kernel_init=_fc_init, rngs=rngs)
@@ -76,13 +81,15 @@ class VGG(nnx.Module):
 
     def features(self, x: jax.Array) -> jax.Array:
         """Output of the second hidden FC layer (after ReLU and dropout), shape (batch, num_features)."""
+        stage = 0
         for layer, norm, pool in zip(self.convs, self.norms, self.pool_after, strict=True):
             x = layer(x)
             if norm is not None:
                 x = norm(x)
             x = nnx.relu(x)
             if pool:
-                x = max_pool(x, 2, 2)
+                stage += 1
+                x = tap(f"stage{stage}", max_pool(x, 2, 2))
         x = adaptive_avg_pool(x, 7).reshape(x.shape[0], -1)
         x = self.dropout1(nnx.relu(self.fc1(x)))
         return self.dropout2(nnx.relu(self.fc2(x)))

@@ -15,6 +15,7 @@ from prism.framework.api import DataInfo
 from prism.framework.conv import conv_general_dilated
 from prism.framework.errors import ConfigError
 from prism.framework.registry import MODELS
+from prism.framework.taps import tap, tap_grid_tokens, wanted
 from prism.plugins.models._layers import num_classes_of, torch_default, zeros
 from prism.plugins.models._torch_import import TorchRules
 
@@ -58,12 +59,15 @@ def _linear(i: int, o: int, *, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection (timm ``Attention``)."""
+    """Multi-head self-attention with a fused qkv projection (timm ``Attention``); its softmax weights are tapped as
+    ``tap_name`` (:mod:`prism.framework.taps`; the fused cuDNN kernel is skipped while they are collected)."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float, *, rngs: nnx.Rngs,
+                 tap_name: str = "attn"):
         if dim % heads:
             raise ConfigError(f"model.embed_dim {dim} is not divisible by model.num_heads {heads}")
         self.heads = heads
+        self.tap_name = tap_name
         self.qkv = _linear(dim, 3 * dim, bias=qkv_bias, rngs=rngs)
         self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
         self.proj = _linear(dim, dim, rngs=rngs)
@@ -74,11 +78,11 @@ class Attention(nnx.Module):
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads), 2, 0)
         scale = 1.0 / math.sqrt(d // self.heads)
         dropout_active = self.attn_drop.rate > 0 and not self.attn_drop.deterministic
-        if _use_cudnn_attention(q, dropout_active):
+        if _use_cudnn_attention(q, dropout_active) and not wanted(self.tap_name):
             out = _cudnn_attention(q, k, v, scale)
         else:
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+            weights = tap(self.tap_name, jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype))
             out = jnp.einsum("bhqk,bkhd->bqhd", self.attn_drop(weights), v)
         return self.proj_drop(self.proj(out.reshape(b, n, d)))
 
@@ -110,10 +114,11 @@ def _use_cudnn_attention(q: jax.Array, dropout_active: bool) -> bool:
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(LN(x)), x + MLP(LN(x)) with GELU; stochastic depth on both."""
 
-    def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs, tap_name: str = "attn"):
         d, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
         self.norm1 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attention_dropout, cfg.dropout, rngs=rngs)
+        self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attention_dropout, cfg.dropout, rngs=rngs,
+                              tap_name=tap_name)
         self.norm2 = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
         self.fc1 = _linear(d, hidden, rngs=rngs)
         self.fc2 = _linear(hidden, d, rngs=rngs)
@@ -128,7 +133,12 @@ class Block(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    """patchify -> [cls] + tokens + pos-embed -> blocks -> LayerNorm -> class token (``features``) -> ``head``."""
+    """patchify -> [cls] + tokens + pos-embed -> blocks -> LayerNorm -> class token (``features``) -> ``head``.
+
+    Taps (:mod:`prism.framework.taps`): ``tokens0``..``tokens{depth-1}`` (``tap_layers``), the patch tokens entering
+    each block as a (batch, h, w, dim) grid, the last (the input of the last block, whose patch tokens still reach
+    the class token through its attention) explained by default; ``attn0``.. (``attention_layers``), each block's
+    attention weights."""
 
     def __init__(self, cfg: ViTConfig, image_size: int, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
         p, d = cfg.patch_size, cfg.embed_dim
@@ -143,7 +153,9 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.grid**2 + 1, d)))
         self.pos_drop = nnx.Dropout(cfg.dropout, rngs=rngs)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nnx.List([Block(cfg, r, rngs=rngs) for r in rates])
+        self.blocks = nnx.List([Block(cfg, r, rngs=rngs, tap_name=f"attn{i}") for i, r in enumerate(rates)])
+        self.tap_layers = tuple(f"tokens{i}" for i in range(cfg.depth))
+        self.attention_layers = tuple(f"attn{i}" for i in range(cfg.depth))
         self.norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
         self.num_features = d
         self.head = _linear(d, num_classes, rngs=rngs)
@@ -164,8 +176,8 @@ class VisionTransformer(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
         x = jnp.concatenate([cls, x], axis=1) + self._pos_embed(h, w).astype(x.dtype)
         x = self.pos_drop(x)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(tap_grid_tokens(f"tokens{i}", x, h, w))
         return self.norm(x)[:, 0]
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -37,7 +37,7 @@ class SegmentationLossConfig:
     class_weights: per-class weights of the cross-entropy (empty: all 1).
     """
 
-    loss: str = "ce"
+    loss: str = field(default="ce", metadata={"choices": LOSSES})
     dice_weight: float = field(default=1.0, metadata={"ge": 0})
     smooth: float = field(default=1.0, metadata={"ge": 0})
     class_weights: list[float] = field(default_factory=list, metadata={"ge": 0})

@@ -44,7 +44,7 @@ class LinearProbeConfig:
 
     epochs: int = field(default=100, metadata={"ge": 1})
     batch_size: int = field(default=256, metadata={"ge": 1})
-    optimizer: str = "sgd"
+    optimizer: str = field(default="sgd", metadata={"choices": OPTIMIZERS})
     lr: float = field(default=0.1, metadata={"gt": 0})
     momentum: float = field(default=0.9, metadata={"ge": 0, "lt": 1})
     weight_decay: float = field(default=0.0, metadata={"ge": 0})

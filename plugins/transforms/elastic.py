@@ -13,7 +13,7 @@ refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ class ElasticConfig:
     sigma: float = 10.0
     grid: int = 3
     p: float = 1.0
-    mode: str = "reflect"
+    mode: str = field(default="reflect", metadata={"choices": MODES})
 
 
 def displacement_field(key: jax.Array, height: int, width: int, grid: int, sigma: float) -> jax.Array:
