@@ -32,16 +32,7 @@ data=$work/cifar10
 mkdir -p "$work"
 export PYTHONUNBUFFERED=1 PRISM_DATA_DIR=$work/tfds PRISM_CACHE_DIR=$work/cache PRISM_CIFAR10=$data
 
-if ! python3 -c "import hydra, tensorflow_datasets, grain, tensorboardX" 2>/dev/null; then
-  python3 -m pip install -q --no-index --find-links "$e2e/whl" hydra-core tensorflow-datasets grain tensorboardX \
-    > "$work/pip.log" 2>&1 || echo "pip install from $e2e/whl failed (see $work/pip.log)" >&2
-fi
-if ! (cd /tmp && python3 -c "import prism.framework") 2>/dev/null; then  # the checkout as prism.* (package-dir)
-  mkdir -p "$work/src/prism"
-  for p in framework plugins conf; do ln -sfn "$here/$p" "$work/src/prism/$p"; done
-  mkdir -p "$work/src/hydra_plugins" && ln -sfn "$here/framework/hydra_launcher" "$work/src/hydra_plugins/prism_launcher"
-  export PYTHONPATH=$work/src${PYTHONPATH:+:$PYTHONPATH}
-fi
+. "$here/benchmarks/gpu_env.sh" "$e2e/whl" "$work"
 if [ ! -f "$work/cifar10.complete" ]; then
   rm -rf "$data" && mkdir -p "$data" && tar -xJf "$e2e/cifar10.tar.xz" -C "$data" && touch "$work/cifar10.complete"
 fi

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from prism.framework.errors import ConfigError
+from prism.framework.export import number_option
 
 OPTIONS = ("checkpoint", "device", "batch", "step", "out", "bench.iters", "bench.warmup", "bench.threads")
 RESULTS_DIR = Path("benchmarks") / "results"
@@ -55,15 +56,6 @@ def _parse_batches(text: str) -> list[int]:
         raise ConfigError(f"batch must be a comma-separated list of positive integers (batch=1,8,64), got {text!r}")
     return batches
 
-
-def _int(options: dict[str, str], key: str, default: int, minimum: int) -> int:
-    try:
-        value = int(options.get(key, default))
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {options.get(key)!r}")
-    return value
 
 
 def _jax_device(device: str):
@@ -96,9 +88,9 @@ def bench(options: dict[str, str]) -> dict[str, Any]:
     if device not in ("cpu", "gpu"):
         raise ConfigError(f"device must be cpu or gpu, got {device!r}")
     batches = _parse_batches(options.get("batch", "1,8,64"))
-    iters = _int(options, "bench.iters", 30, 1)
-    warmup = _int(options, "bench.warmup", 3, 0)
-    threads = _int(options, "bench.threads", 0, 0)
+    iters = number_option(options, "bench.iters", 30, int, 1)
+    warmup = number_option(options, "bench.warmup", 3, int, 0)
+    threads = number_option(options, "bench.threads", 0, int, 0)
     source = Path(options["checkpoint"])
     if not source.exists():
         raise ConfigError(f"checkpoint={source}: no such run directory or model file")

@@ -326,7 +326,8 @@ def parse_batch(text: str) -> int | None:
     return value
 
 
-def _number(options: dict[str, str], key: str, default: float, kind=float, minimum: float = 0.0) -> Any:
+def number_option(options: dict[str, str], key: str, default: float, kind=float, minimum: float = 0.0) -> Any:
+    """``options[key]`` as a ``kind`` number >= ``minimum`` (``default`` when absent); else a one-line error."""
     text = options.get(key)
     if text is None:
         return default
@@ -372,9 +373,9 @@ def export(options: dict[str, str]) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     batch = parse_batch(options.get("batch", "dynamic"))
-    images_n = _number(options, "export.images", 32, int, 1)
-    atol = _number(options, "export.atol", 1e-4)
-    rtol = _number(options, "export.rtol", 1e-4)
+    images_n = number_option(options, "export.images", 32, int, 1)
+    atol = number_option(options, "export.atol", 1e-4)
+    rtol = number_option(options, "export.rtol", 1e-4)
     started = time.perf_counter()
     run_dir = Path(options["checkpoint"])
     if fmt == "onnx":

@@ -24,19 +24,11 @@ import jax
 import numpy as np
 
 from prism.framework.errors import ConfigError
+from prism.framework.export import number_option
 
 OPTIONS = ("checkpoint", "calibration", "step", "out", "quantize.iters", "quantize.batch", "export.images",
            "export.atol", "export.rtol")
 
-
-def _int(options: dict[str, str], key: str, default: int, minimum: int) -> int:
-    try:
-        value = int(options.get(key, default))
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {options.get(key)!r}")
-    return value
 
 
 def _images(split, indices: Sequence[int]) -> np.ndarray:
@@ -77,9 +69,9 @@ def quantize(options: dict[str, str]) -> dict[str, Any]:
         onnx_runner,
     )
 
-    calibration = _int(options, "calibration", 256, 1)
-    iters = _int(options, "quantize.iters", 50, 1)
-    batch = _int(options, "quantize.batch", 64, 1)
+    calibration = number_option(options, "calibration", 256, int, 1)
+    iters = number_option(options, "quantize.iters", 50, int, 1)
+    batch = number_option(options, "quantize.batch", 64, int, 1)
     started = time.perf_counter()
     run_dir = Path(options["checkpoint"])
     run, step = load(str(run_dir), options.get("step", "best"))
@@ -91,8 +83,8 @@ def quantize(options: dict[str, str]) -> dict[str, Any]:
     fp32_path, pre_path, int8_path = out / "model-fp32.onnx", out / "model-fp32-pre.onnx", out / "model-int8.onnx"
     fp32_path.write_bytes(export_onnx(fn, input_spec(shape, None), names))
     jitted = jax.jit(fn)
-    check = eval_images(run, int(options.get("export.images", 32)))
-    atol, rtol = float(options.get("export.atol", 1e-4)), float(options.get("export.rtol", 1e-4))
+    check = eval_images(run, number_option(options, "export.images", 32, int, 1))
+    atol, rtol = number_option(options, "export.atol", 1e-4), number_option(options, "export.rtol", 1e-4)
     parity = compare([np.asarray(o) for o in jitted(check)], onnx_runner(fp32_path)(check), atol=atol, rtol=rtol)
     if not parity["passed"]:
         raise ParityError(_parity_line({"format": "onnx", "file": str(fp32_path),
