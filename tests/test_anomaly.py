@@ -152,7 +152,7 @@ def test_digits_one_class_knn_on_blurred_pixels_end_to_end(tmp_path):
     dist = np.sort(np.sqrt(((query[:, None] - ref[None]) ** 2).sum(-1)), axis=1)[:, :2].mean(1)
     assert result["metrics"]["eval/auroc"] == pytest.approx(roc_auc_score(y_test != 3, dist), abs=1e-4)
     assert result["metrics"]["eval/anomaly_fraction"] == pytest.approx(np.mean(y_test != 3))
-    assert (run_dir / "predictions" / "score_histogram.png").stat().st_size > 0
+    assert (run_dir / "predictions" / "score_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_digits_autoencoder_end_to_end(train_run, tmp_path):
