@@ -44,6 +44,7 @@ import numpy as np
 import yaml
 
 from prism.framework.errors import ConfigError, UnknownNameError
+from prism.framework.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ci
 
 #: The repository root (holds ``experiments/``, ``conf/`` and ``.git`` in a checkout).
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -54,9 +55,6 @@ CLAIM_KEYS = ("description", "command", "metric", "published", "expected", "seed
               "smoke")
 #: Required keys of the ``smoke`` profile (``seeds``, ``requires`` and ``note`` are optional).
 PROFILE_KEYS = ("command", "expected", "wall_s")
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
-CI_LEVEL = 0.95
 
 
 @dataclass
@@ -196,22 +194,6 @@ def missing_requirements(profile: Profile, cwd: Path) -> list[str]:
 
 
 # -- statistics -----------------------------------------------------------------------------------------
-def bootstrap_ci(values: list[float], level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean: ``resamples`` resamples with replacement (NumPy generator
-    seeded with ``seed``, so the same values always give the same interval). One value: ``(x, x)``."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    if x.size == 1:
-        return float(x[0]), float(x[0])
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
-
-
 def verdict(interval: tuple[float, float], band: tuple[float, float]) -> str:
     """``pass`` when ``interval`` lies inside ``band`` (ends included), ``fail`` when entirely outside it,
     ``inconclusive`` when it straddles one of the band's ends."""
@@ -445,12 +427,17 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", type=int, help="number of seeds (default: the claim's)")
     parser.add_argument("--out", help="output folder (default: outputs/reproduce/DATE_TIME)")
     parser.add_argument("--experiments", help="folder of claims (default: $PRISM_EXPERIMENTS or experiments/)")
+    parser.add_argument("--table", action="store_true",
+                        help="write the claims table into README.md and experiments/README.md from the recorded "
+                             "experiments/*/reproduce.json files, and exit")
+    parser.add_argument("--check-table", action="store_true",
+                        help="exit 1 when the docs' claims table differs from the recorded reproductions")
     ns = parser.parse_args(args)
     extra = [a for a in ns.names if "=" in a]
     ns.names = [a for a in ns.names if "=" not in a]
     if ns.seeds is not None and ns.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {ns.seeds}")
-    if not ns.list and bool(ns.names) == ns.all:
+    if not (ns.list or ns.table or ns.check_table) and bool(ns.names) == ns.all:
         raise ConfigError("give claim names or --all (not both); `prism reproduce --list` lists the claims")
     return ns, extra
 
@@ -461,6 +448,18 @@ def main(args: list[str]) -> int:
     root, cwd = Path(ns.experiments) if ns.experiments else experiments_dir(), Path.cwd()
     if ns.list:
         print(list_claims(root, cwd))
+        return 0
+    if ns.table or ns.check_table:
+        from prism.framework import claims_table
+
+        if ns.check_table:
+            stale = claims_table.stale_docs(REPO_DIR, root)
+            for doc in stale:
+                print(f"{doc}: the claims table differs from the recorded reproductions: run `prism reproduce "
+                      f"--table`", file=sys.stderr)
+            return 1 if stale else 0
+        changed = claims_table.write_docs(REPO_DIR, root)
+        print(f"claims table written into {', '.join(map(str, changed))}" if changed else "claims table up to date")
         return 0
     names = claim_names(root) if ns.all else ns.names
     claims = [load_claim(name, root) for name in names]  # every claim checked before anything runs

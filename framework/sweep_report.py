@@ -10,6 +10,10 @@ into the sweep directory (or ``--out``):
   each setting of the other keys (``report_seeds.csv``), and the best configuration chosen by the mean;
 - ``target_vs_params.png``: the target metric against each swept key; ``learning_curves.png``: every
   run's training loss and target metric against the step.
+- with ``train.time_to`` targets, the seconds each job took to reach each (from process start and from its
+  first step); over seeds, the 95 % bootstrap CI of each setting's mean, Welch's t-test against the best
+  setting (p-values flagged below 3 seeds) and the seeds per setting that would tell the two apart
+  (:mod:`prism.framework.stats`).
 
 The target metric is the runs' ``checkpoint.best_metric`` (and ``best_mode``) unless given.
 """
@@ -28,6 +32,7 @@ from omegaconf import OmegaConf
 
 from prism.framework.errors import ConfigError, DataError
 from prism.framework.logging import read_metrics
+from prism.framework.stats import MIN_SEEDS_FOR_TEST, bootstrap_ci, seeds_needed, welch_t_test
 from prism.framework.sweep import Job, read_jobs, swept_keys
 
 SEED_KEY = "seed"
@@ -140,8 +145,10 @@ def build_report(sweep_dir: str | Path, metric: str | None = None, mode: str | N
             done = [r for r in members if r.job.status == "completed"]
             group: dict[str, Any] = {"params": dict(zip(others, values, strict=True)), "n": len(done),
                                      "jobs": [r.job.name for r in done], "seeds": [r.params[SEED_KEY] for r in done]}
+            group["values"] = {}
             for name in eval_names:
                 vals = [r.job.result["metrics"][name] for r in done if name in r.job.result.get("metrics", {})]
+                group["values"][name] = vals
                 group[name] = (statistics.fmean(vals) if vals else None,
                                statistics.stdev(vals) if len(vals) > 1 else None)
             seed_groups.append(group)
@@ -157,20 +164,53 @@ def build_report(sweep_dir: str | Path, metric: str | None = None, mode: str | N
         for row in rows:
             if row.final is not None and (best is None or _better(row.final, best["value"], mode)):
                 best = {"params": row.params, "value": row.final, "std": None, "jobs": [row.job.name]}
+    if seed_groups and best is not None:
+        _compare_with_best(seed_groups, best, metric)
     return Report(root, metric, mode, swept, rows, eval_names, seed_groups, best)
 
 
+def _compare_with_best(seed_groups: list[dict[str, Any]], best: dict[str, Any], metric: str) -> None:
+    """Give each seed group the 95 % bootstrap CI of its target mean and, against the best setting, Welch's
+    t-test and the seeds per setting a t-test would need to tell the two apart (``g["stats"]``)."""
+    best_values = next(g["values"][metric] for g in seed_groups if g["params"] == best["params"])
+    for g in seed_groups:
+        values = g["values"].get(metric, [])
+        stats: dict[str, Any] = {"ci95": list(bootstrap_ci(values)) if values else None, "is_best": False,
+                                 "t": None, "p": None, "seeds_needed": None,
+                                 "few_seeds": min(len(values), len(best_values)) < MIN_SEEDS_FOR_TEST}
+        if g["params"] == best["params"]:
+            stats["is_best"] = True
+        elif values:
+            test = welch_t_test(best_values, values)
+            if test is not None:
+                stats["t"], stats["p"] = test
+            stats["seeds_needed"] = seeds_needed(best_values, values)
+        g["stats"] = stats
+
+
 # -- output ----------------------------------------------------------------------------------------
+def time_to_targets(report: Report) -> list[str]:
+    """The ``train.time_to`` targets any job recorded (``result.json`` ``time_to`` keys), in numeric order."""
+    keys = {k for r in report.rows for k in (r.job.result.get("time_to") or {})}
+    return sorted(keys, key=lambda k: _number(k) if _number(k) is not None else math.inf)
+
+
 def job_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+    """One row per job; with ``train.time_to`` targets, the seconds to each from process start and from the
+    first step (empty where the run never reached it)."""
     others = [n for n in report.eval_names if n != report.metric]
+    targets = time_to_targets(report)
+    time_cols = [f"time to {t} ({since})" for t in targets for since in ("s from start", "s from first step")]
     header = ["job", "status", *report.swept, f"{report.metric} (final)", f"{report.metric} (best)", "best step",
-              *others, "steps", "wall_s", "error"]
+              *others, "steps", "wall_s", *time_cols, "error"]
     rows = []
     for r in report.rows:
         res = r.job.result
+        reached = res.get("time_to") or {}
+        times = [(reached.get(t) or {}).get(k) for t in targets for k in ("from_start_s", "from_first_step_s")]
         rows.append([r.job.name, r.job.status, *(r.params[k] for k in report.swept), r.final, r.best, r.best_step,
                      *(res.get("metrics", {}).get(n) for n in others), res.get("steps"), res.get("wall_s"),
-                     r.job.error])
+                     *times, r.job.error])
     return header, rows
 
 
@@ -179,10 +219,27 @@ def seed_table(report: Report, combined: bool = True) -> tuple[list[str], list[l
     params = [k for k in report.swept if k != SEED_KEY]
     names = [report.metric, *(n for n in report.eval_names if n != report.metric)]
     stats = [f"{n} mean ± std" for n in names] if combined else [f"{n} {s}" for n in names for s in ("mean", "std")]
-    header = [*params, "seeds", *stats]
+    ci_cols = [f"{report.metric} 95% CI"] if combined else [f"{report.metric} ci95 lo", f"{report.metric} ci95 hi"]
+    compare = [*ci_cols, "p vs best (Welch)", "seeds needed"]
+    header = [*params, "seeds", *stats, *compare]
     rows = []
     for g in report.seed_groups:
         cells: list[Any] = []
+        st = g.get("stats", {})
+        ci = st.get("ci95")
+        if st.get("is_best"):
+            p_cell: Any = "best"
+        elif st.get("p") is None:
+            p_cell = ""
+        elif combined:
+            p_cell = f"{st['p']:.3g}" + (f" (n<{MIN_SEEDS_FOR_TEST})" if st["few_seeds"] else "")
+        else:
+            p_cell = st["p"]
+        if combined:
+            ci_cells: list[Any] = [f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""]
+        else:
+            ci_cells = list(ci) if ci else [None, None]
+        compared = [*ci_cells, p_cell, st.get("seeds_needed")]
         for n in names:
             mean, std = g.get(n, (None, None))
             if not combined:
@@ -191,7 +248,7 @@ def seed_table(report: Report, combined: bool = True) -> tuple[list[str], list[l
                 cells.append(f"{mean:.4g} ± {std:.2g}" if std is not None else f"{mean:.4g}")
             else:
                 cells.append("")
-        rows.append([*(g["params"][k] for k in params), g["n"], *cells])
+        rows.append([*(g["params"][k] for k in params), g["n"], *cells, *compared])
     return header, rows
 
 
@@ -316,7 +373,11 @@ def write_report(report: Report, out_dir: str | Path | None = None) -> dict[str,
         _write_csv(out / "report_seeds.csv", *seed_table(report, combined=False))
         s_header, s_rows = seed_table(report)
         files["seeds_csv"] = out / "report_seeds.csv"
-        md += ["", "## Over seeds (mean ± sample std of completed runs)", "", markdown_table(s_header, s_rows)]
+        md += ["", "## Over seeds (mean ± sample std of completed runs)", "", markdown_table(s_header, s_rows), "",
+               f"The CI is the percentile bootstrap interval of the mean of `{report.metric}`; the p-value is "
+               f"Welch's two-sided t-test of each setting against the best one (flagged when either has fewer "
+               f"than {MIN_SEEDS_FOR_TEST} seeds); seeds needed is the number per setting a two-sample t-test "
+               f"would need to detect the observed difference at the observed spread (alpha 0.05, power 0.8)."]
     for key, title in (("target_vs_params", "Target against swept keys"), ("learning_curves", "Learning curves")):
         if key in files:
             md += ["", f"## {title}", "", f"![{title}]({files[key].name})"]
